@@ -1,0 +1,37 @@
+"""fxprune: graph-transformation passes on torch.fx for structured pruning of vision
+transformers.
+
+Example:
+    >>> import torch, fxprune
+    >>> from fxprune.models.reference import tiny_vit
+    >>> model = tiny_vit()
+    >>> x = torch.randn(1, 3, 32, 32)
+    >>> analysis = fxprune.analyze(fxprune.trace(model, x))
+    >>> [site.num_heads for site in analysis.attention]
+    [3, 3]
+"""
+
+from .errors import (AnalysisError, FxPruneError, InputError, PassOrderError, PlanError,
+                     SliceError, TraceError)
+from .tracing import trace
+
+__all__ = [
+    "AnalysisError", "FxPruneError", "InputError", "PassOrderError", "PlanError", "SliceError",
+    "TraceError", "trace", "analyze", "count_macs", "prune",
+]
+
+
+def __getattr__(name):  # lazy: keep `import fxprune` cheap and free of import cycles
+    if name == "analyze":
+        from .analysis import analyze
+        return analyze
+    if name == "count_macs":
+        from .macs import count_macs
+        return count_macs
+    if name == "prune":
+        from .prune import prune
+        return prune
+    if name == "Analysis":
+        from .analysis import Analysis
+        return Analysis
+    raise AttributeError(name)

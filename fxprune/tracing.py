@@ -1,0 +1,216 @@
+"""Tracing front-end: any ``nn.Module``, ``GraphModule`` or ``ExportedProgram`` becomes a
+``GraphModule`` whose tensor nodes carry their shape in ``node.meta["val"]`` (a fake tensor).
+
+Example:
+    >>> import torch, fxprune
+    >>> gm = fxprune.trace(torch.nn.Linear(4, 2), torch.randn(3, 4))
+    >>> [tuple(n.meta["val"].shape) for n in gm.graph.nodes if n.op != "output"]
+    [(3, 4), (3, 2)]
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from .errors import InputError, TraceError
+
+WHERE = "fxprune.trace"
+
+
+def _as_tuple(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    raise InputError(WHERE, f"example_inputs must be a Tensor or a tuple of Tensors, got "
+                     f"{type(example_inputs).__name__}",
+                     hint="pass e.g. torch.randn(1, 3, 224, 224) or (tensor_a, tensor_b)")
+
+
+def _concrete_args(module: torch.nn.Module, n_inputs: int) -> dict[str, Any] | None:
+    """Forward parameters beyond the example inputs are fixed to their defaults so that
+    optional arguments such as ``attn_mask=None`` do not become placeholders."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    concrete = {}
+    for p in params[n_inputs:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is inspect.Parameter.empty:
+            return None
+        concrete[p.name] = p.default
+    return concrete or None
+
+
+class _Tracer(torch.fx.Tracer):
+    """torch.fx tracer that keeps torch.nn built-ins as leaves (the analysis knows them) and
+    traces into every other module, so user and timm modules become plain ops."""
+
+    def __init__(self, autowrap_functions: tuple = ()):
+        super().__init__(autowrap_functions=autowrap_functions)
+
+
+def _symbolic_trace(module: torch.nn.Module, n_inputs: int) -> torch.fx.GraphModule:
+    concrete = _concrete_args(module, n_inputs)
+    attempts: list[tuple[str, tuple]] = [("plain", ())]
+    try:  # timm registers helpers that cannot be traced through; use them only as a fallback
+        from timm.layers import _fx as timm_fx  # type: ignore
+
+        attempts.append(("timm-autowrap", tuple(timm_fx._autowrap_functions)))
+    except Exception:  # timm absent or changed: the plain attempt is all we have
+        pass
+    errors = []
+    for label, wrapped in attempts:
+        tracer = _Tracer(autowrap_functions=wrapped)
+        try:
+            graph = tracer.trace(module, concrete_args=concrete)
+        except Exception as exc:  # noqa: BLE001 - re-raised below as a typed error
+            errors.append((label, exc))
+            continue
+        _drop_specialized_placeholders(graph, n_inputs)
+        gm = torch.fx.GraphModule(tracer.root, graph, type(module).__name__)
+        return gm
+    label, exc = errors[-1]
+    first = errors[0][1]
+    construct = _describe_trace_failure(first)
+    raise TraceError(WHERE, f"torch.fx could not trace {type(module).__name__}: {construct}",
+                     hint="make the failing construct traceable (e.g. no Python control flow on "
+                     "tensor values), or export the model with torch.export.export(model, args) "
+                     "and pass the ExportedProgram to fxprune.trace") from first
+
+
+def _drop_specialized_placeholders(graph: torch.fx.Graph, n_inputs: int) -> None:
+    """Arguments fixed by ``concrete_args`` stay as placeholders feeding only the checks fx adds
+    for them; remove those so the graph takes exactly the example inputs."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for ph in placeholders[n_inputs:]:
+        dead: list[torch.fx.Node] = []
+        frontier = [ph]
+        while frontier:
+            node = frontier.pop()
+            if node in dead:
+                continue
+            dead.append(node)
+            frontier.extend(node.users)
+        if any(u.op == "output" for u in dead):
+            continue  # the argument reaches the output: leave the graph as traced
+        for node in reversed(sorted(dead, key=lambda n: list(graph.nodes).index(n))):
+            graph.erase_node(node)
+
+
+def _describe_trace_failure(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "control flow" in text or "symbolically traced variables" in text:
+        return ("Python control flow depends on a tensor value (" + text + ")")
+    return f"{type(exc).__name__}: {text}"
+
+
+def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor],
+                     where: str = WHERE) -> None:
+    """Write ``node.meta["val"]`` (fake tensors) on every node by running ``gm`` on fake
+    copies of ``example_inputs``; falls back to a real run where fake propagation fails."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(example_inputs):
+        raise InputError(where, f"the graph takes {len(placeholders)} inputs "
+                         f"({', '.join(p.name for p in placeholders)}) but "
+                         f"{len(example_inputs)} example inputs were given",
+                         hint="pass one example tensor per model input")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    try:
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        FakeTensorProp(gm, mode).propagate(*example_inputs)
+        return
+    except Exception as fake_exc:  # noqa: BLE001 - retried with real tensors below
+        fake_error = fake_exc
+    _RealShapeProp(gm).run_checked(example_inputs, where, fake_error)
+
+
+class _RealShapeProp(torch.fx.Interpreter):
+    """Runs the graph on real tensors and records meta-device stand-ins as ``meta["val"]``."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        self.current = n
+        out = super().run_node(n)
+        n.meta["val"] = torch.utils._pytree.tree_map(
+            lambda v: torch.empty(v.shape, dtype=v.dtype, device="meta")
+            if isinstance(v, torch.Tensor) else v, out)
+        return out
+
+    def run_checked(self, example_inputs, where, fake_error):
+        self.current = None
+        try:
+            with torch.no_grad():
+                self.run(*example_inputs)
+        except Exception as exc:
+            node = self.current
+            shapes = ", ".join(str(tuple(t.shape)) for t in example_inputs
+                               if isinstance(t, torch.Tensor))
+            raise InputError(where, f"running the model on example inputs of shape {shapes} "
+                             f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                             node=node, hint="check the example inputs' shape and dtype against "
+                             "what the model expects (e.g. (1, 3, 224, 224) for an ImageNet ViT)"
+                             ) from exc
+
+
+def trace(model: Any, example_inputs: Any) -> torch.fx.GraphModule:
+    """Trace ``model`` into a GraphModule with shape metadata on every node.
+
+    ``model`` may be an ``nn.Module`` (torch.fx symbolic tracing; optional forward arguments
+    are fixed to their defaults), a ``GraphModule`` (copied), or a
+    ``torch.export.ExportedProgram`` (unlifted with ``.module()``; use this for models plain
+    fx cannot trace, such as Hugging Face ViT). The input model is never modified.
+
+    Example:
+        >>> import torch, fxprune
+        >>> m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+        >>> gm = fxprune.trace(m, torch.randn(2, 8))
+        >>> gm.meta["fxprune.traced_from"]
+        'nn.Module'
+    """
+    inputs = _as_tuple(example_inputs)
+    for i, t in enumerate(inputs):
+        if not isinstance(t, torch.Tensor):
+            raise InputError(WHERE, f"example input {i} is a {type(t).__name__}, not a Tensor",
+                             hint="pass tensors with the shape the model expects")
+    exported_cls = getattr(torch.export, "ExportedProgram", None)
+    if exported_cls is not None and isinstance(model, exported_cls):
+        try:
+            gm = model.module()
+        except Exception as exc:
+            raise TraceError(WHERE, f"could not unlift the ExportedProgram: {exc}") from exc
+        if not isinstance(gm, torch.fx.GraphModule):
+            raise TraceError(WHERE, "ExportedProgram.module() did not return a GraphModule")
+        _strip_export_guards(gm)
+        source = "ExportedProgram"
+    elif isinstance(model, torch.fx.GraphModule):
+        gm = copy.deepcopy(model)
+        source = "GraphModule"
+    elif isinstance(model, torch.nn.Module):
+        was_training = model.training
+        gm = _symbolic_trace(model, len(inputs))
+        gm.train(was_training)
+        source = "nn.Module"
+    else:
+        raise InputError(WHERE, f"expected an nn.Module, GraphModule or ExportedProgram, got "
+                         f"{type(model).__name__}",
+                         hint="pass the model object itself (e.g. timm.create_model(...))")
+    propagate_shapes(gm, inputs)
+    gm.meta["fxprune.traced_from"] = source
+    gm.meta["fxprune.input_shapes"] = [tuple(t.shape) for t in inputs]
+    return gm
+
+
+def _strip_export_guards(gm: torch.fx.GraphModule) -> None:
+    """Unlifted exported modules check input shapes in a pre-hook; keep it, but drop the
+    pytree in/out spec so the module is called positionally like a traced one."""
+    return None
