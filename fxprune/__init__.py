@@ -11,8 +11,15 @@ Example:
     [3, 3]
 """
 
-from .errors import (AnalysisError, FxPruneError, InputError, PassOrderError, PlanError,
-                     SliceError, TraceError)
+from .errors import (
+    AnalysisError,
+    FxPruneError,
+    InputError,
+    PassOrderError,
+    PlanError,
+    SliceError,
+    TraceError,
+)
 from .tracing import trace
 
 __all__ = [

@@ -127,12 +127,42 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Te
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     try:
+        _MetaShapeProp(gm).propagate(example_inputs)
+        return
+    except Exception:  # noqa: BLE001 - some ops need values; fake tensors handle more
+        pass
+    try:
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         FakeTensorProp(gm, mode).propagate(*example_inputs)
         return
     except Exception as fake_exc:  # noqa: BLE001 - retried with real tensors below
         fake_error = fake_exc
     _RealShapeProp(gm).run_checked(example_inputs, where, fake_error)
+
+
+def _to_meta(v):
+    return torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v
+
+
+class _MetaShapeProp(torch.fx.Interpreter):
+    """Fastest shape propagation: parameters, buffers and inputs swapped for meta tensors
+    (no arithmetic at all). Ops that need values fail here and fall back to fake tensors."""
+
+    def fetch_attr(self, target: str):
+        return _to_meta(super().fetch_attr(target))
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        out = super().run_node(n)
+        n.meta["val"] = out
+        return out
+
+    def propagate(self, example_inputs) -> None:
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        state = {k: _to_meta(v) for k, v in list(self.module.named_parameters(
+            remove_duplicate=False)) + list(self.module.named_buffers(remove_duplicate=False))}
+        with torch.no_grad(), _reparametrize_module(self.module, state):
+            self.run(*[_to_meta(t) for t in example_inputs])
 
 
 class _RealShapeProp(torch.fx.Interpreter):

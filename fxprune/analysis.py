@@ -1,0 +1,370 @@
+"""``fxprune.analyze``: attention sites and channel groups of a traced graph (read-only).
+
+The analysis propagates channel labels through the graph (:mod:`fxprune.propagate`), solves
+the couplings, and groups coupled channels by where they are contracted: q.k products give
+``qk`` groups, channels carried through attention-times-value give ``v`` groups, channels
+produced by one Linear and consumed by another give ``mlp`` groups, and the residual stream
+(channels produced by several layers and added together) is ``embed``. Anything whose removal
+would change the kept values freezes its group, with the reason.
+
+Example:
+    >>> import torch, fxprune
+    >>> from fxprune.models.reference import tiny_vit
+    >>> a = fxprune.analyze(fxprune.trace(tiny_vit(), torch.randn(1, 3, 32, 32)))
+    >>> [(g.kind, g.num_heads, g.size) for g in a.groups if g.site == 0]
+    [('qk', 3, 16), ('v', 3, 16), ('heads', 3, 1)]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import networkx as nx
+import numpy as np
+import torch
+import torch.fx
+
+from .errors import InputError
+from .labels import Components
+from .oprules import op_name
+from .passbase import require_meta
+from .propagate import Propagator, RawSite, Sink
+
+ANALYSIS_KEY = "fxprune.analysis"
+
+
+@dataclasses.dataclass
+class AttentionSite:
+    """One attention computation found in the graph."""
+
+    index: int
+    kind: str                      # "softmax" | "window" | "linear"
+    num_heads: int
+    qk_head_dim: int
+    v_head_dim: int
+    scale: float | None
+    q: torch.fx.Node
+    k: torch.fx.Node
+    v: torch.fx.Node | None
+    proj: torch.fx.Node | None
+    qk_node: torch.fx.Node
+    av_node: torch.fx.Node | None
+    qk_group: int | None = None
+    v_group: int | None = None
+    heads_group: int | None = None
+
+    @property
+    def uses_sdpa(self) -> bool:
+        return self.qk_node is self.av_node and "scaled_dot_product" in str(self.qk_node.target)
+
+
+@dataclasses.dataclass
+class ChannelGroup:
+    """Channels that are pruned together. ``layout[h, i]`` is the channel id of channel ``i``
+    of head ``h`` (one row when the group has no heads)."""
+
+    index: int
+    kind: str                       # "qk" | "v" | "heads" | "mlp" | "embed"
+    num_heads: int | None
+    size: int
+    members: list[tuple[torch.fx.Node, int]]
+    frozen: str | None
+    layout: np.ndarray
+    sinks: list[Sink]
+    site: int | None = None
+    shared_across_heads: bool = False
+
+    @property
+    def prunable(self) -> bool:
+        return self.frozen is None and self.kind != "heads"
+
+    @property
+    def width(self) -> int:
+        return int(self.layout.size)
+
+
+@dataclasses.dataclass
+class Analysis:
+    """Result of :func:`analyze`. ``print(analysis)`` shows a table."""
+
+    attention: list[AttentionSite]
+    groups: list[ChannelGroup]
+    components: Components
+    param_comps: dict[str, list]
+    param_shapes: dict[str, tuple[int, ...]]
+    opaque: list[tuple[str, str]]
+    group_of_channel: np.ndarray
+    coupling_graph: nx.Graph
+
+    def __str__(self) -> str:
+        from .report import analysis_table
+
+        return analysis_table(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "attention": [{"index": s.index, "kind": s.kind, "num_heads": s.num_heads,
+                           "qk_head_dim": s.qk_head_dim, "v_head_dim": s.v_head_dim,
+                           "scale": s.scale, "q": s.q.name, "k": s.k.name,
+                           "v": s.v.name if s.v is not None else None,
+                           "proj": s.proj.name if s.proj is not None else None,
+                           "qk_group": s.qk_group, "v_group": s.v_group}
+                          for s in self.attention],
+            "groups": [{"index": g.index, "kind": g.kind, "num_heads": g.num_heads,
+                        "size": g.size, "site": g.site, "frozen": g.frozen,
+                        "members": len(g.members)} for g in self.groups],
+            "opaque": [{"node": n, "what": w} for n, w in self.opaque],
+        }
+
+
+def analyze(gm: torch.fx.GraphModule) -> Analysis:
+    """Find attention sites and channel groups of a traced graph.
+
+    Writes ``node.meta["fxprune.comps"]`` on every node and ``gm.meta["fxprune.analysis"]``;
+    does not change the graph.
+
+    Example:
+        >>> import torch, fxprune
+        >>> gm = fxprune.trace(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(),
+        ...                                        torch.nn.Linear(8, 4)), torch.randn(2, 4))
+        >>> [(g.kind, g.size, g.frozen is None) for g in fxprune.analyze(gm).groups]
+        [('mlp', 8, True)]
+    """
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise InputError("fxprune.analyze", f"expected a GraphModule, got {type(gm).__name__}",
+                         hint="call fxprune.trace(model, example_inputs) first")
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and "val" not in node.meta:
+            raise InputError("fxprune.analyze", "the graph has no shape metadata", node=node,
+                             hint="trace it with fxprune.trace(model, example_inputs)")
+    prop = Propagator(gm).run()
+    comps = prop.store.finish()
+    groups, group_of_channel, graph = _build_groups(prop, comps)
+    sites = _build_sites(gm, prop, comps, groups, group_of_channel)
+    _add_members(gm, groups, comps, group_of_channel)
+    analysis = Analysis(sites, groups, comps, prop.param_comps, prop.param_shapes,
+                        [(n.name, w) for n, w in prop.opaque], group_of_channel, graph)
+    gm.meta[ANALYSIS_KEY] = analysis
+    return analysis
+
+
+def get_analysis(gm: torch.fx.GraphModule, pass_name: str) -> Analysis:
+    """The analysis attached to ``gm`` or a :class:`PassOrderError` naming ``fxprune.analyze``."""
+    return require_meta(pass_name, gm, ANALYSIS_KEY, "fxprune.analyze")
+
+
+def _layout(comp_lab: np.ndarray, span, comps: Components) -> np.ndarray:
+    lab = comp_lab.reshape([comp_lab.shape[d] for d in span]) if span else comp_lab.reshape(1)
+    ch = comps.channel_of(lab)
+    if ch.ndim == 1:
+        return ch.reshape(1, -1)
+    if ch.ndim == 2:
+        heads = comps.head_of(lab)
+        if len(np.unique(heads[:, 0])) == 1 and len(np.unique(heads[0, :])) > 1:
+            ch = ch.T  # head index varies along the second dim
+        return ch
+    return ch.reshape(1, -1)
+
+
+def _build_groups(prop: Propagator, comps: Components):
+    graph = nx.Graph()
+    sink_channels = []
+    for i, sink in enumerate(prop.sinks):
+        graph.add_node(i, node=sink.node.name, kind=sink.kind)
+        sink_channels.append(np.unique(comps.channel_of(sink.comp.lab)))
+    if sink_channels:
+        # two sinks are coupled when they contract a common channel
+        ch = np.concatenate(sink_channels)
+        owner = np.concatenate([np.full(len(c), i) for i, c in enumerate(sink_channels)])
+        order = np.argsort(ch, kind="stable")
+        ch, owner = ch[order], owner[order]
+        same = ch[1:] == ch[:-1]
+        edges = np.unique(np.stack([owner[:-1][same], owner[1:][same]], 1), axis=0)
+        graph.add_edges_from((int(a), int(b)) for a, b in edges if a != b)
+    frozen = comps.frozen_reason
+    v_marked = set(comps.marks.get("v", np.zeros(0, np.int64)).tolist())
+    source_channels = [(node, set(np.unique(comps.channel_of(lab)).tolist()))
+                       for node, lab in prop.sources]
+    groups: list[ChannelGroup] = []
+    group_of_channel = np.full(comps.n_labels and int(comps.channel.max()) + 1, -1, np.int64)
+    for members in sorted(nx.connected_components(graph), key=min):
+        members = sorted(members)
+        sinks = [prop.sinks[i] for i in members]
+        channels = np.unique(np.concatenate([sink_channels[i] for i in members]))
+        anchor = next((s for s in sinks if s.kind == "qk"), None)
+        if anchor is None:
+            anchor = max(sinks, key=lambda s: len(s.comp.span))
+        layout = _layout(anchor.comp.lab, anchor.comp.span, comps)
+        chset = set(channels.tolist())
+        if any(s.kind == "qk" for s in sinks):
+            kind = "qk"
+        elif chset & v_marked:
+            kind = "v"
+        else:
+            producers = [n for n, chs in source_channels if chs & chset]
+            kind = "mlp" if len(producers) == 1 else "embed"
+        reason = next((frozen[c] for c in channels.tolist() if c in frozen), None)
+        if reason is None and set(np.unique(layout).tolist()) != chset:
+            reason = "channels are coupled with channels of another layout (not slicable as one)"
+        if reason is None and kind == "embed":
+            reason = "residual stream (embedding width): left dense by default"
+        num_heads = layout.shape[0] if layout.shape[0] > 1 else None
+        shared = bool(num_heads and len(np.unique(layout)) < layout.size)
+        g = ChannelGroup(len(groups), kind, num_heads, int(layout.shape[1]), [], reason, layout,
+                         sinks, shared_across_heads=shared)
+        group_of_channel[channels] = g.index
+        groups.append(g)
+    return groups, group_of_channel, graph
+
+
+def _build_sites(gm, prop: Propagator, comps: Components, groups, group_of_channel):
+    input_batch = None
+    shapes = gm.meta.get("fxprune.input_shapes")
+    if shapes:
+        input_batch = shapes[0][0] if shapes[0] else None
+    sites = []
+    param_labels = [c.lab.ravel() for cs in prop.param_comps.values() for c in cs]
+    param_channels = (np.unique(comps.channel_of(np.concatenate(param_labels)))
+                      if param_labels else None)
+    for raw in prop.sites:
+        q_layout = _layout(raw.q_comp.lab, raw.q_comp.span, comps)
+        qk_group = _group_at(q_layout, group_of_channel)
+        v_group = None
+        v_layout = None
+        if raw.v_comp is not None:
+            v_layout = _layout(raw.v_comp.lab, raw.v_comp.span, comps)
+            v_group = _group_at(v_layout, group_of_channel)
+            if v_group is not None:
+                _adopt_head_layout(groups[v_group], v_layout)
+        if qk_group is not None:
+            _adopt_head_layout(groups[qk_group], q_layout)
+        num_heads = q_layout.shape[0]
+        proj = None
+        if v_group is not None:
+            proj = next((s.node for s in groups[v_group].sinks if s.kind in ("linear", "conv")),
+                        None)
+        kind = "linear" if raw.fused and raw.qk_node is raw.av_node and not _is_sdpa(
+            raw.qk_node) else "softmax"
+        if kind == "softmax" and input_batch is not None:
+            qs = raw.q.meta["val"].shape if isinstance(raw.q, torch.fx.Node) else None
+            if qs is not None and len(qs) > 0 and int(qs[0]) != input_batch:
+                kind = "window"  # windows folded into the batch dim
+        if kind == "softmax" and raw.head_labels.size and param_channels is not None:
+            if np.isin(comps.channel_of(raw.head_labels.ravel()), param_channels).any():
+                kind = "window"  # scores get a learned per-head (relative position) bias
+        site = AttentionSite(len(sites), kind, int(num_heads), int(q_layout.shape[1]),
+                             int(v_layout.shape[1]) if v_layout is not None else 0,
+                             _scale(raw), raw.q, raw.k, raw.v, proj, raw.qk_node, raw.av_node,
+                             qk_group, v_group)
+        heads_layout = np.arange(num_heads).reshape(num_heads, 1)
+        hg = ChannelGroup(len(groups), "heads", int(num_heads), 1, [], None, heads_layout, [],
+                          site=site.index)
+        for gi in (qk_group, v_group):
+            if gi is not None:
+                groups[gi].site = site.index
+        groups.append(hg)
+        site.heads_group = hg.index
+        sites.append(site)
+    _order_groups(groups)
+    idx = {id(g): i for i, g in enumerate(groups)}
+    for g in groups:
+        g.index = idx[id(g)]
+    return sites
+
+
+def _order_groups(groups: list[ChannelGroup]) -> None:
+    old = {id(g): g.index for g in groups}
+    order = {"qk": 0, "v": 1, "heads": 2, "mlp": 3, "embed": 4}
+
+    def key(g):
+        return (g.site if g.site is not None else 10**6, order[g.kind], old[id(g)])
+
+    del key  # graph order is already meaningful; keep it stable
+    return None
+
+
+def _adopt_head_layout(group: ChannelGroup, layout: np.ndarray) -> None:
+    """Give a group the (heads, per-head) layout seen at its attention site."""
+    if layout.shape[0] <= 1 or group.layout.shape[0] > 1:
+        return
+    if set(np.unique(layout).tolist()) != set(np.unique(group.layout).tolist()):
+        return
+    group.layout = layout
+    group.num_heads = int(layout.shape[0])
+    group.size = int(layout.shape[1])
+    group.shared_across_heads = len(np.unique(layout)) < layout.size
+
+
+def _group_at(layout: np.ndarray, group_of_channel: np.ndarray) -> int | None:
+    gs = np.unique(group_of_channel[layout])
+    gs = gs[gs >= 0]
+    return int(gs[0]) if len(gs) == 1 else None
+
+
+def _is_sdpa(node) -> bool:
+    return "scaled_dot_product_attention" in str(node.target)
+
+
+def _scale(raw: RawSite) -> float | None:
+    node = raw.qk_node
+    if _is_sdpa(node):
+        scale = node.kwargs.get("scale")
+        if scale is None and len(node.args) > 6:
+            scale = node.args[6]
+        if scale is None:
+            return 1.0 / math.sqrt(int(raw.q.meta["val"].shape[-1]))
+        return float(scale)
+    scale = 1.0
+    cur = raw.q
+    for _ in range(4):  # q * scale (or / sqrt(d)) just before the product
+        s = _scalar_factor(cur)
+        if s is None:
+            break
+        scale *= s
+        cur = cur.args[0]
+    cur = node
+    for _ in range(4):  # (q @ k^T) * scale after it
+        users = list(cur.users)
+        if len(users) != 1:
+            break
+        s = _scalar_factor(users[0])
+        if s is None:
+            break
+        scale *= s
+        cur = users[0]
+    return scale
+
+
+def _scalar_factor(node) -> float | None:
+    if not isinstance(node, torch.fx.Node) or node.op not in ("call_function", "call_method"):
+        return None
+    name = op_name(node, None)
+    if len(node.args) != 2 or not isinstance(node.args[1], (int, float)):
+        return None
+    if name in ("mul", "mul_"):
+        return float(node.args[1])
+    if name in ("div", "truediv", "div_"):
+        return 1.0 / float(node.args[1])
+    return None
+
+
+def _add_members(gm, groups, comps: Components, group_of_channel) -> None:
+    heads_by_site = {g.site: g for g in groups if g.kind == "heads"}
+    del heads_by_site
+    for node in gm.graph.nodes:
+        meta = node.meta.get("fxprune.comps")
+        if not isinstance(meta, list):
+            continue
+        for entry in meta:
+            if not (isinstance(entry, tuple) and len(entry) == 2):
+                continue
+            lab, span = entry
+            if not span:
+                continue
+            gs = np.unique(group_of_channel[comps.channel_of(lab.ravel()[:: max(1, lab.size // 64)])])
+            for gi in gs[gs >= 0].tolist():
+                for d in span:
+                    if (node, d) not in groups[gi].members:
+                        groups[gi].members.append((node, d))

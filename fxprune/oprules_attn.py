@@ -1,0 +1,524 @@
+"""Op rules for contractions (Linear, matmul, einsum, SDPA, conv), indexing and joining, and
+``torch.nn`` modules. Attention sites are recorded here, found by what the ops do: a
+contraction of two activations over channel dims is a q.k product; a contraction over a plain
+(token) dim that carries channels of its second operand is the attention-times-value product.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn as nn
+
+from . import layout
+from .labels import Comp
+from .propagate import LETTERS, TV, Propagator, RawSite, _align, _shape
+
+
+def _o():
+    from . import oprules
+    return oprules
+
+
+def _tensor_args(node):
+    return [a for a in node.args if isinstance(a, torch.fx.Node)]
+
+
+# -- contractions -------------------------------------------------------------------------
+def _matmul_letters(na: int, nb: int):
+    nbatch = max(na, nb) - 2 if min(na, nb) >= 2 else max(na, nb) - (1 if min(na, nb) == 1 else 2)
+    batch = LETTERS[:max(nbatch, 0)]
+    if na >= 2 and nb >= 2:
+        la = batch[len(batch) - (na - 2):] + "MK"
+        lb = batch[len(batch) - (nb - 2):] + "KN"
+        lo = batch + "MN"
+    elif na == 1 and nb >= 2:
+        la, lb, lo = "K", batch[len(batch) - (nb - 2):] + "KN", batch + "N"
+    elif nb == 1 and na >= 2:
+        la, lb, lo = batch[len(batch) - (na - 2):] + "MK", "K", batch + "M"
+    else:
+        la, lb, lo = "K", "K", ""
+    return la, lb, lo
+
+
+def _contraction(p: Propagator, node, a_arg, b_arg, la, lb, lo, *, b_param_ok=True) -> TV:
+    a = p.tv(a_arg) or TV([], _shape(a_arg) or ())
+    b = p.tv(b_arg) or TV([], _shape(b_arg) or ())
+    site_count = len(p.sites)
+    out = p.contract([(a, la), (b, lb)], lo, sink_args=[0, 1], sink_kind="matmul")
+    hard_contracted, by_operand, fresh_heads = p._last_contraction
+    if len(hard_contracted) == 2:
+        # both operands are activations whose channels meet here: a q.k product
+        p.sinks[-1:] = []  # gate one operand only (q): masking it removes the pair
+        p.sinks[-1].kind = "qk"
+        site = RawSite(node, a_arg, b_arg, by_operand[0], by_operand[1],
+                       fresh_heads.lab if fresh_heads is not None else np.zeros(0, np.int64))
+        carried_b = [c for c in b.comps if c is not by_operand[1]]
+        kv = _kv_origin(p, carried_b)
+        if kv is not None:  # q @ (k^T v): linear attention
+            site.av_node, site.v, site.v_comp = node, kv[0], kv[1]
+            site.fused = True
+        p.sites.append(site)
+        if fresh_heads is not None:
+            for lab in np.unique(fresh_heads.lab):
+                p.site_of_head_label[int(lab)] = len(p.sites) - 1
+    elif not by_operand and not a.soft and not b.soft:
+        # contraction over a plain dim (tokens): attention @ value, or k^T @ v
+        site_idx = _site_of(p, a)
+        carried_b = [c for c in b.comps if all(lb[d] in lo for d in c.span)]
+        if site_idx is not None and carried_b and p.sites[site_idx].av_node is None:
+            site = p.sites[site_idx]
+            site.av_node, site.v = node, b_arg
+            site.v_comp = max(carried_b, key=lambda c: c.distinct)
+            p.store.mark(site.v_comp.lab, "v")
+        elif a.comps and b.comps:
+            for c in b.comps:
+                p.kv_origin[int(c.lab.ravel()[0])] = (b_arg, c)
+                p.store.mark(c.lab, "v")
+    del site_count
+    return out
+
+
+def _kv_origin(p, comps):
+    for c in comps:
+        hit = p.kv_origin.get(int(c.lab.ravel()[0]))
+        if hit is not None:
+            return hit
+    return None
+
+
+def _site_of(p, a: TV):
+    for c in a.comps:
+        site = p.site_of_head_label.get(int(c.lab.ravel()[0]))
+        if site is not None:
+            return site
+    return None
+
+
+def _matmul(p: Propagator, node) -> Any:
+    a_arg, b_arg = node.args[0], node.args[1]
+    na, nb = len(_shape(a_arg) or ()), len(_shape(b_arg) or ())
+    la, lb, lo = _matmul_letters(na, nb)
+    out = _contraction(p, node, a_arg, b_arg, la, lb, lo)
+    out.shape = _shape(node) or out.shape
+    return out
+
+
+def _addmm(p: Propagator, node) -> Any:
+    bias, x_arg, w_arg = node.args[0], node.args[1], node.args[2]
+    out = _contraction(p, node, x_arg, w_arg, "MK", "KN", "MN")
+    b = p.tv(bias)
+    if b is not None:
+        out = p.pointwise([out, b], out.shape)
+    return out
+
+
+def _einsum(p: Propagator, node) -> Any:
+    eq = node.args[0]
+    operands = node.args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = operands[0]
+    eq = eq.replace(" ", "")
+    if "->" not in eq or "..." in eq or len(operands) != 2:
+        return _o()._unknown(p, node, f"einsum {eq!r} (only explicit two-operand forms)")
+    ins, out = eq.split("->")
+    la, lb = ins.split(",")
+    res = _contraction(p, node, operands[0], operands[1], la, lb, out)
+    res.shape = _shape(node) or res.shape
+    return res
+
+
+def _sdpa(p: Propagator, node) -> Any:
+    q_arg, k_arg, v_arg = (node.args + (None,) * 3)[:3]
+    q_arg = q_arg if q_arg is not None else node.kwargs.get("query")
+    k_arg = k_arg if k_arg is not None else node.kwargs.get("key")
+    v_arg = v_arg if v_arg is not None else node.kwargs.get("value")
+    qs, ks, vs = _shape(q_arg), _shape(k_arg), _shape(v_arg)
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    if qs is None or ks is None or vs is None or qs[:-2] != ks[:-2] or ks[:-1] != vs[:-1]:
+        return _o()._unknown(p, node, "scaled_dot_product_attention with broadcast or grouped "
+                             "heads")
+    nb = len(qs) - 2
+    batch = LETTERS[:nb]
+    q, k, v = p.tv(q_arg), p.tv(k_arg), p.tv(v_arg)
+    scores = p.contract([(q, batch + "NK"), (k, batch + "MK")], batch + "NM",
+                        sink_args=[0, None], sink_kind="qk")
+    hard_contracted, by_operand, fresh_heads = p._last_contraction
+    if isinstance(mask, torch.fx.Node) and p.tv(mask) is not None:
+        scores = p.pointwise([scores, p.tv(mask)], scores.shape)
+    out = p.contract([(scores, batch + "NM"), (v, batch + "ME")], batch + "NE")
+    out.shape = _shape(node) or out.shape
+    if len(hard_contracted) == 2:
+        v_comps = [c for c in (v.comps if v else []) if c.span]
+        site = RawSite(node, q_arg, k_arg, by_operand[0], by_operand[1],
+                       fresh_heads.lab if fresh_heads is not None else np.zeros(0, np.int64),
+                       av_node=node, v=v_arg,
+                       v_comp=max(v_comps, key=lambda c: c.distinct) if v_comps else None,
+                       fused=True)
+        if site.v_comp is not None:
+            p.store.mark(site.v_comp.lab, "v")
+        p.sites.append(site)
+    return out
+
+
+def _linear_fn(p: Propagator, node) -> Any:
+    x_arg = node.args[0]
+    w_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    b_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return _o()._linear(p, node, x_arg, p.tv(w_arg), p.tv(b_arg) if b_arg is not None else None)
+
+
+def _conv_fn(p: Propagator, node) -> Any:
+    x_arg, w_arg = node.args[0], node.args[1]
+    b_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    name = _o().op_name(node, p.gm)
+    if name == "convolution":
+        groups = node.args[8] if len(node.args) > 8 else 1
+        if len(node.args) > 6 and node.args[6]:
+            return _o()._unknown(p, node, "transposed convolution")
+    else:
+        groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+    return _o()._conv(p, node, x_arg, p.tv(w_arg), p.tv(b_arg) if b_arg is not None else None,
+                      int(groups))
+
+
+# -- normalisation ------------------------------------------------------------------------
+def _layer_norm_fn(p: Propagator, node) -> Any:
+    shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+    k = len(shape) if isinstance(shape, (list, tuple)) else 1
+    w = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+    b = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
+    return _o()._normalize(p, node, node.args[0], range(-k, 0), p.tv(w), p.tv(b), "LayerNorm")
+
+
+def _rms_norm_fn(p: Propagator, node) -> Any:
+    shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+    k = len(shape) if isinstance(shape, (list, tuple)) else 1
+    w = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+    return _o()._normalize(p, node, node.args[0], range(-k, 0), p.tv(w), None, "RMSNorm")
+
+
+def _group_norm_fn(p: Propagator, node) -> Any:
+    return _o()._normalize(p, node, node.args[0], [1], None, None, "GroupNorm")
+
+
+def _batch_norm_fn(p: Propagator, node) -> Any:
+    x = p.tv(node.args[0])
+    if x is None:
+        return p.unlabeled_like(node)
+    extra = x.ndim - 2
+    operands = [x]
+    for a in node.args[1:5]:
+        t = p.tv(a) if isinstance(a, torch.fx.Node) else None
+        if t is not None:
+            operands.append(TV([Comp(c.lab.reshape((1,) + c.lab.shape + (1,) * extra),
+                                     tuple(d + 1 for d in c.span), True) for c in t.comps],
+                               (1,) + t.shape + (1,) * extra, True))
+    out = p.pointwise(operands, x.shape)
+    val = node.meta.get("val")
+    if isinstance(val, (tuple, list)):
+        return [out] + [p.plain(tuple(int(s) for s in v.shape)) for v in val[1:]
+                        if isinstance(v, torch.Tensor)]
+    return out
+
+
+# -- indexing, splitting, joining ---------------------------------------------------------
+def _getitem(p: Propagator, node) -> Any:
+    src, idx = node.args[0], node.args[1]
+    v = p.value(src)
+    if isinstance(v, list):
+        return v[idx] if isinstance(idx, int) else v[idx]
+    if not isinstance(v, TV):
+        return p.unlabeled_like(node)
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    expanded = []
+    for i in idx:
+        if i is Ellipsis:
+            expanded.extend([slice(None)] * (v.ndim - n_real))
+        else:
+            expanded.append(i)
+    comps = list(v.comps)
+    dim = 0
+    shape = list(v.shape)
+    for i in expanded:
+        if i is None:
+            comps = [layout.unsqueeze_comp(c, dim) for c in comps]
+            shape.insert(dim, 1)
+            dim += 1
+            continue
+        if isinstance(i, torch.fx.Node):
+            val = p.const.get(i)
+            if val is None:
+                for c in comps:
+                    if dim in c.span:
+                        p.store.freeze(c.lab, f"channels gathered by a run-time index at "
+                                       f"{node.name}")
+                ishape = _shape(i) or ()
+                comps = [layout.take_comp(c, dim, np.zeros(ishape, np.int64)) if dim not in
+                         c.span else layout.take_comp(Comp(np.take(c.lab, [0], axis=dim), tuple(
+                             d for d in c.span if d != dim), c.soft), dim,
+                             np.zeros(ishape, np.int64)) for c in comps]
+                shape[dim:dim + 1] = list(ishape)
+                dim += len(ishape)
+                continue
+            i = val.numpy() if val.dtype != torch.bool else np.nonzero(val.numpy())[0]
+        if isinstance(i, (list, tuple)):
+            i = np.asarray(i)
+        if isinstance(i, slice):
+            i = slice(*(x if not isinstance(x, torch.fx.Node) else None
+                        for x in (i.start, i.stop, i.step))) if any(
+                isinstance(x, torch.fx.Node) for x in (i.start, i.stop, i.step)) else i
+            comps = [layout.take_comp(c, dim, i) for c in comps]
+            shape[dim] = len(range(*i.indices(shape[dim])))
+            dim += 1
+        elif isinstance(i, (int, np.integer)):
+            comps = [layout.take_comp(c, dim, int(i)) for c in comps]
+            shape.pop(dim)
+        else:
+            arr = np.asarray(i)
+            comps = [layout.take_comp(c, dim, arr) for c in comps]
+            shape[dim:dim + 1] = list(arr.shape)
+            dim += arr.ndim
+    return TV([c for c in comps], _shape(node) or tuple(shape), v.soft)
+
+
+def _split_like(p: Propagator, node, name) -> Any:
+    x = p.tv(node.args[0])
+    val = node.meta.get("val")
+    if x is None or not isinstance(val, (list, tuple)):
+        return p.unlabeled_like(node)
+    if name == "unbind":
+        dim = _o()._arg(node, 1, "dim", 0) % x.ndim
+        return [TV([layout.take_comp(c, dim, i) for c in x.comps],
+                   tuple(int(s) for s in val[i].shape), x.soft) for i in range(len(val))]
+    dim_default = 0
+    dim = _o()._arg(node, 2, "dim", dim_default) % x.ndim
+    sizes = [int(t.shape[dim]) for t in val]
+    out, start = [], 0
+    for t, size in zip(val, sizes):
+        comps = [layout.take_comp(c, dim, slice(start, start + size)) for c in x.comps]
+        out.append(TV(comps, tuple(int(s) for s in t.shape), x.soft))
+        start += size
+    return out
+
+
+def _narrow_like(p: Propagator, node, name) -> Any:
+    x = p.tv(node.args[0])
+    if x is None:
+        return p.unlabeled_like(node)
+    if name == "select":
+        dim, index = node.args[1] % x.ndim, node.args[2]
+        return TV([layout.take_comp(c, dim, int(index) % x.shape[dim]) for c in x.comps],
+                  _shape(node), x.soft)
+    if name == "narrow":
+        dim, start, length = node.args[1] % x.ndim, node.args[2], node.args[3]
+        sl = slice(start, start + length)
+    else:  # aten.slice(x, dim, start, end, step)
+        args = list(node.args) + [None] * 5
+        dim = (args[1] or 0) % x.ndim
+        sl = slice(args[2], args[3], args[4] or 1)
+    if any(isinstance(s, torch.fx.Node) for s in (sl.start, sl.stop)):
+        for c in x.comps:
+            if dim in c.span:
+                p.store.freeze(c.lab, f"channels sliced with run-time bounds at {node.name}")
+        return TV([c for c in x.comps if dim not in c.span], _shape(node), x.soft)
+    return TV([layout.take_comp(c, dim, sl) for c in x.comps], _shape(node), x.soft)
+
+
+def _cat(p: Propagator, node, stack=False) -> Any:
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = _o()._arg(node, 1, "dim", 0)
+    out_shape = _shape(node)
+    vals = [p.tv(t) or TV([], _shape(t) or ()) for t in tensors]
+    if stack:
+        vals = [TV([layout.unsqueeze_comp(c, dim % (v.ndim + 1)) for c in v.comps],
+                   v.shape[:dim % (v.ndim + 1)] + (1,) + v.shape[dim % (v.ndim + 1):], v.soft)
+                for v in vals]
+    nd = len(out_shape)
+    dim %= nd
+    soft = all(v.soft for v in vals)
+    along = [[c for c in v.comps if dim in c.span] for v in vals]
+    if any(along):
+        # channels concatenated along their own dim (e.g. q, k, v biases): labels concatenate
+        if all(len(a) == 1 for a in along) and len({a[0].span for a in along}) == 1:
+            lab = np.concatenate([np.broadcast_to(a[0].lab, _bshape(a[0], v)) for a, v in
+                                  zip(along, vals)], axis=dim)
+            rest = [c for v in vals for c in v.comps if dim not in c.span]
+            base = TV([Comp(lab, along[0][0].span, soft)] + rest, out_shape, soft)
+            return TV(p._merge(base.comps), out_shape, soft)
+        for a in along:
+            for c in a:
+                p.store.freeze(c.lab, f"channels concatenated with unlabeled values at "
+                               f"{node.name}")
+        return p.plain(out_shape)
+    shape_wo = list(out_shape)
+    shape_wo[dim] = 1
+    parts = [TV(v.comps, tuple(s if d != dim else 1 for d, s in enumerate(v.shape)), v.soft)
+             for v in vals]
+    merged = p.pointwise(parts, tuple(shape_wo))
+    return TV(merged.comps, out_shape, soft)
+
+
+def _bshape(c: Comp, v: TV):
+    return tuple(v.shape[d] if d in c.span else 1 for d in range(v.ndim))
+
+
+def _unsqueeze(p, node) -> Any:
+    x = p.tv(node.args[0])
+    if x is None:
+        return p.unlabeled_like(node)
+    dim = _o()._arg(node, 1, "dim") % (x.ndim + 1)
+    return TV([layout.unsqueeze_comp(c, dim) for c in x.comps], _shape(node), x.soft, None)
+
+
+def _squeeze(p, node) -> Any:
+    x = p.tv(node.args[0])
+    if x is None:
+        return p.unlabeled_like(node)
+    dims = _o()._arg(node, 1, "dim")
+    if dims is None:
+        dims = [d for d, s in enumerate(x.shape) if s == 1]
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    dims = [d % x.ndim for d in dims if x.shape[d % x.ndim] == 1]
+    return TV([layout.squeeze_comp(c, dims) for c in x.comps], _shape(node), x.soft, None)
+
+
+def _expand(p, node) -> Any:
+    x = p.tv(node.args[0])
+    if x is None:
+        return p.unlabeled_like(node)
+    out = _align(x, len(_shape(node)))
+    return TV(out.comps, _shape(node), x.soft)
+
+
+def _repeat(p, node) -> Any:
+    x = p.tv(node.args[0])
+    if x is None:
+        return p.unlabeled_like(node)
+    reps = _o()._dims_arg(node.args[1:], 10**9)
+    out = _align(x, len(reps))
+    comps = []
+    for c in out.comps:
+        tile = [r if d in c.span else 1 for d, r in enumerate(reps)]
+        comps.append(Comp(np.tile(c.lab, tile), c.span, c.soft))
+    return TV(comps, _shape(node), x.soft)
+
+
+def _along_dims(p, node, dims, what) -> Any:
+    x = p.tv(node.args[0])
+    if x is None:
+        return p.unlabeled_like(node)
+    dims = {d % x.ndim for d in dims}
+    for c in x.comps:
+        if set(c.span) & dims:
+            p.store.freeze(c.lab, f"{what} along channels at {node.name}")
+    return TV([c for c in x.comps if not set(c.span) & dims], _shape(node), x.soft)
+
+
+def _roll(p, node) -> Any:
+    dims = _o()._arg(node, 2, "dims")
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    return _along_dims(p, node, dims or range(len(_shape(node))), "roll")
+
+
+def _pad(p, node) -> Any:
+    pad = _o()._arg(node, 1, "pad")
+    nd = len(_shape(node))
+    dims = [nd - 1 - i // 2 for i in range(len(pad)) if not (isinstance(pad[i], int)
+                                                          and pad[i] == 0)]
+    return _along_dims(p, node, dims, "padding")
+
+
+def _flip(p, node) -> Any:
+    dims = _o()._arg(node, 1, "dims")
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return _along_dims(p, node, dims, "flip")
+
+
+def _getattr(p, node) -> Any:
+    attr = node.args[1]
+    if attr in ("T", "mT"):
+        return _o()._permute(p, node, "t")
+    return None if not isinstance(node.meta.get("val"), torch.Tensor) else _o()._pointwise(
+        p, node)
+
+
+RULES = {
+    "linear": _linear_fn, "matmul": _matmul, "bmm": _matmul, "mm": _matmul,
+    "addmm": _addmm, "einsum": _einsum, "scaled_dot_product_attention": _sdpa,
+    "conv1d": _conv_fn, "conv2d": _conv_fn, "convolution": _conv_fn,
+    "layer_norm": _layer_norm_fn, "native_layer_norm": _layer_norm_fn,
+    "rms_norm": _rms_norm_fn, "group_norm": _group_norm_fn, "batch_norm": _batch_norm_fn,
+    "_native_batch_norm_legit_no_training": _batch_norm_fn,
+    "getitem": _getitem, "index": _getitem,
+    "unbind": lambda p, n: _split_like(p, n, "unbind"),
+    "split": lambda p, n: _split_like(p, n, "split"),
+    "split_with_sizes": lambda p, n: _split_like(p, n, "split"),
+    "chunk": lambda p, n: _split_like(p, n, "chunk"),
+    "tensor_split": lambda p, n: _split_like(p, n, "split"),
+    "select": lambda p, n: _narrow_like(p, n, "select"),
+    "narrow": lambda p, n: _narrow_like(p, n, "narrow"),
+    "slice": lambda p, n: _narrow_like(p, n, "slice"),
+    "cat": _cat, "concat": _cat, "concatenate": _cat,
+    "stack": lambda p, n: _cat(p, n, stack=True),
+    "unsqueeze": _unsqueeze, "squeeze": _squeeze,
+    "expand": _expand, "expand_as": _expand, "broadcast_to": _expand,
+    "repeat": _repeat, "roll": _roll, "pad": _pad, "flip": _flip, "getattr": _getattr,
+}
+_ = operator
+
+
+def _module_rule(p: Propagator, node, mod: nn.Module) -> Any:
+    o = _o()
+    x_arg = node.args[0] if node.args else None
+    if isinstance(mod, nn.Linear):
+        return o._linear(p, node, x_arg, o._param_of_module(p, node, "weight"),
+                         o._param_of_module(p, node, "bias"))
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+        return o._conv(p, node, x_arg, o._param_of_module(p, node, "weight"),
+                       o._param_of_module(p, node, "bias"), mod.groups)
+    if isinstance(mod, nn.LayerNorm):
+        return o._normalize(p, node, x_arg, range(-len(mod.normalized_shape), 0),
+                            o._param_of_module(p, node, "weight"),
+                            o._param_of_module(p, node, "bias"), "LayerNorm")
+    if hasattr(nn, "RMSNorm") and isinstance(mod, nn.RMSNorm):
+        return o._normalize(p, node, x_arg, range(-len(mod.normalized_shape), 0),
+                            o._param_of_module(p, node, "weight"), None, "RMSNorm")
+    if isinstance(mod, nn.GroupNorm):
+        return o._normalize(p, node, x_arg, [1], None, None, "GroupNorm")
+    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        x = p.tv(x_arg)
+        if x is None:
+            return p.unlabeled_like(node)
+        extra = x.ndim - 2
+        operands = [x]
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            t = o._param_of_module(p, node, attr)
+            if t is not None:
+                operands.append(TV([Comp(c.lab.reshape((1,) + c.lab.shape + (1,) * extra),
+                                         tuple(d + 1 for d in c.span), True) for c in t.comps],
+                                   (1,) + t.shape + (1,) * extra, True))
+        return p.pointwise(operands, x.shape)
+    if isinstance(mod, o.ACT_MODULES):
+        return o._pointwise(p, node)
+    if isinstance(mod, nn.Softmax):
+        x = p.tv(x_arg)
+        if x is None:
+            return p.unlabeled_like(node)
+        dim = mod.dim if mod.dim is not None else x.ndim - 1
+        for c in x.comps:
+            if dim % x.ndim in c.span:
+                p.store.freeze(c.lab, f"softmax over channels at {node.name}")
+        return TV(list(x.comps), x.shape, x.soft)
+    if isinstance(mod, nn.Flatten):
+        return o._reshape(p, node)
+    if isinstance(mod, o.SPATIAL_MODULES):
+        x = p.tv(x_arg)
+        return _along_dims(p, node, range(2, x.ndim) if x else [], "pooling") if x else \
+            p.unlabeled_like(node)
+    return o._unknown(p, node, f"module {type(mod).__name__}")

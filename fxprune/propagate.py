@@ -1,0 +1,420 @@
+"""Channel propagation: walks the graph once and relates the channel labels of every tensor.
+
+Each tensor value becomes a :class:`TV` (its comps, whether it is derived from parameters only,
+and which parameter it is when it is one). The per-op rules live in :mod:`fxprune.oprules`;
+this module holds the state and the three generic mechanisms every rule is built from:
+:meth:`Propagator.pointwise` (broadcasting elementwise ops), :meth:`Propagator.contract`
+(einsum-shaped contractions: Linear, matmul, SDPA, einsum) and the view-like moves of
+:mod:`fxprune.layout`.
+
+Example:
+    >>> import torch, fxprune
+    >>> gm = fxprune.trace(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)),
+    ...                    torch.randn(1, 4))
+    >>> prop = Propagator(gm).run()
+    >>> len(prop.sinks)   # both Linears contract their input's channels
+    2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+
+from .labels import Comp, LabelStore
+
+
+class TV:
+    """Channel view of one tensor value: its comps, shape, whether it derives from parameters
+    only (``soft``) and, when it is a parameter seen through a transpose, ``param``
+    ``(qualified name, permutation)``. A parameter's full-shape comp is only built when an
+    elementwise use needs it: contractions factor weights per dim instead."""
+
+    __slots__ = ("_comps", "shape", "soft", "param", "_lazy")
+
+    def __init__(self, comps, shape, soft=False, param=None, lazy=None):
+        self._comps = comps
+        self.shape = tuple(shape)
+        self.soft = soft
+        self.param = param
+        self._lazy = lazy
+
+    @property
+    def comps(self) -> list[Comp]:
+        if self._comps is None:
+            self._comps = self._lazy()
+            self._lazy = None
+        return self._comps
+
+    @comps.setter
+    def comps(self, value) -> None:
+        self._comps = value
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def spanned(self) -> set[int]:
+        return {d for c in self.comps for d in c.span}
+
+
+@dataclasses.dataclass
+class Sink:
+    """Where channels are contracted away: gating the operand here equals removing them."""
+
+    node: torch.fx.Node
+    arg: int | str          # positional index or kwarg name of the operand in ``node``
+    comp: Comp              # comp of the operand whose channels are contracted
+    kind: str               # "linear" | "qk" | "matmul" | "conv"
+
+
+@dataclasses.dataclass
+class RawSite:
+    qk_node: torch.fx.Node
+    q: Any
+    k: Any
+    q_comp: Comp
+    k_comp: Comp
+    head_labels: np.ndarray
+    av_node: torch.fx.Node | None = None
+    v: Any = None
+    v_comp: Comp | None = None
+    fused: bool = False      # one node (SDPA) does both products
+
+
+def _shape(node) -> tuple[int, ...] | None:
+    if not isinstance(node, torch.fx.Node):
+        return None
+    cached = node.meta.get("fxprune.shape", False)
+    if cached is not False:
+        return cached
+    val = node.meta.get("val")
+    shape = tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
+    node.meta["fxprune.shape"] = shape
+    return shape
+
+
+LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+class Propagator:
+    """Runs the op rules over ``gm`` and keeps everything the analysis needs."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        self.gm = gm
+        self.store = LabelStore()
+        self.env: dict[torch.fx.Node, Any] = {}
+        self.const: dict[torch.fx.Node, torch.Tensor] = {}
+        self.param_comps: dict[str, list[Comp]] = {}
+        self.param_shapes: dict[str, tuple[int, ...]] = {}
+        self.param_tv: dict[str, TV] = {}
+        self.sinks: list[Sink] = []
+        self.sites: list[RawSite] = []
+        self.site_of_head_label: dict[int, int] = {}
+        self.sources: list[tuple[torch.fx.Node, np.ndarray]] = []  # Linear/conv rows per node
+        self.opaque: list[tuple[torch.fx.Node, str]] = []
+        self.kv_origin: dict[int, tuple] = {}
+        self.current: torch.fx.Node | None = None
+
+    # -- driver ---------------------------------------------------------------------------
+    def run(self) -> Propagator:
+        from .oprules import apply_rule
+
+        for node in self.gm.graph.nodes:
+            self.current = node
+            self.env[node] = apply_rule(self, node)
+            node.meta["fxprune.comps"] = _comps_meta(self.env[node])
+        return self
+
+    # -- values ---------------------------------------------------------------------------
+    def value(self, arg) -> Any:
+        if isinstance(arg, torch.fx.Node):
+            return self.env.get(arg)
+        return None
+
+    def tv(self, arg) -> TV | None:
+        v = self.value(arg)
+        return v if isinstance(v, TV) else None
+
+    def plain(self, node_or_shape, soft=False) -> TV:
+        shape = node_or_shape if isinstance(node_or_shape, tuple) else _shape(node_or_shape)
+        return TV([], shape or (), soft=soft)
+
+    def unlabeled_like(self, node) -> Any:
+        """A value with no channel labels shaped like ``node.meta['val']`` (tuples kept)."""
+        return _structure(node.meta.get("val"))
+
+    def param_value(self, name: str) -> TV:
+        """TV of a parameter or buffer: one soft comp over its full shape (cached per name)."""
+        tv = self.param_tv.get(name)
+        if tv is None:
+            tensor = _fetch_attr(self.gm, name)
+            shape = tuple(int(s) for s in tensor.shape)
+            self.param_shapes[name] = shape
+            tv = TV(None, shape, soft=True, param=(name, tuple(range(len(shape)))),
+                    lazy=lambda: self._full_param_comps(name))
+            self.param_tv[name] = tv
+        return tv
+
+    def _full_param_comps(self, name: str) -> list[Comp]:
+        shape = self.param_shapes[name]
+        lab = self.store.fresh(shape) if len(shape) else self.store.fresh((1,)).reshape(())
+        comp = Comp(lab, tuple(d for d in range(len(shape)) if shape[d] > 1), soft=True)
+        self.param_comps.setdefault(name, []).append(comp)
+        return [comp]
+
+    def factor_param(self, tv: TV) -> TV:
+        """Parameters used as the matrix of a contraction get one independent comp per dim
+        (rows and columns are pruned independently), registered on the parameter."""
+        name, perm = tv.param
+        comps = []
+        for d, size in enumerate(tv.shape):
+            if size <= 1:
+                continue
+            shape = [1] * tv.ndim
+            shape[d] = size
+            lab = self.store.fresh(tuple(shape))
+            comps.append(Comp(lab, (d,), soft=True))
+            pshape = [1] * len(self.param_shapes[name])
+            pshape[perm[d]] = size
+            self.param_comps.setdefault(name, []).append(
+                Comp(lab.reshape(pshape), (perm[d],), soft=True))
+        return TV(comps, tv.shape, soft=True, param=tv.param)
+
+    def freeze(self, value, reason: str) -> None:
+        for comp in _iter_comps(value):
+            self.store.freeze(comp.lab, f"{reason} at {self.current.name}")
+
+    # -- generic mechanisms ---------------------------------------------------------------
+    def pointwise(self, operands: list[Any], out_shape: tuple[int, ...]) -> TV:
+        """Elementwise op with broadcasting. Equal spans are coupled; a parameter's dims that
+        meet a plain (token) dim of an activation collapse into one label."""
+        nd = len(out_shape)
+        tvs = [_align(v, nd) for v in operands if isinstance(v, TV)]
+        hard = [v for v in tvs if not v.soft]
+        plain_dims: dict[int, bool] = {}
+        for v in hard:
+            spanned = v.spanned()
+            for d in range(nd):
+                if d not in spanned and v.shape[d] == out_shape[d] and out_shape[d] > 1:
+                    plain_dims[d] = True
+        comps: list[Comp] = []
+        for v in tvs:
+            for c in v.comps:
+                if v.soft:
+                    lab = c.lab
+                    span = list(c.span)
+                    for d in list(span):
+                        if d in plain_dims:
+                            lab = self.store.collapse(lab, d)
+                            span.remove(d)
+                    c = Comp(lab, tuple(span), True)
+                elif any(d in plain_dims for d in c.span):
+                    self.store.freeze(c.lab, "channels combined elementwise with a tensor that "
+                                      f"has no channel labels at {self.current.name}")
+                comps.append(c)
+        return TV(self._merge(comps), out_shape, soft=bool(tvs) and not hard)
+
+    def _merge(self, comps: list[Comp]) -> list[Comp]:
+        out: list[Comp] = []
+        for c in sorted(comps, key=lambda c: c.soft):  # hard comps first: they are kept
+            if not c.span:
+                continue
+            merged = False
+            for o in out:
+                if o.span == c.span:
+                    if o.lab is not c.lab:
+                        self.store.union(o.lab, c.lab)
+                    merged = True
+                    break
+                if c.soft and set(c.span) < set(o.span):
+                    self.store.union(o.lab, c.lab)  # a shared parameter couples across dims
+                    merged = True
+                    break
+            if not merged:
+                out.append(c)
+        return out
+
+    def contract(self, operands: list[tuple[Any, str]], out_letters: str, *,
+                 sink_args: list[int | str] | None = None, sink_kind: str = "matmul"
+                 ) -> TV:
+        """Einsum-shaped contraction. Channels on contracted letters are coupled across
+        operands and recorded as sinks; channels on kept letters are carried to the output;
+        letters kept by several operands (batch dims, e.g. heads) relate heads."""
+        node = self.current
+        sizes: dict[str, int] = {}
+        tvs: list[TV] = []
+        for v, letters in operands:
+            tv = v if isinstance(v, TV) else TV([], (), False)
+            if tv.param is not None:
+                tv = self.factor_param(tv)
+            tvs.append(tv)
+            for d, ch in enumerate(letters):
+                sizes[ch] = max(sizes.get(ch, 1), tv.shape[d] if d < tv.ndim else 1)
+        all_letters = [ch for _, ls in operands for ch in ls]
+        contracted = {ch for ch in all_letters if ch not in out_letters}
+        # comps spanning contracted letters
+        contracted_comps: list[tuple[int, Comp]] = []
+        carried: list[tuple[int, Comp]] = []
+        for i, (tv, (_, letters)) in enumerate(zip(tvs, operands)):
+            for c in tv.comps:
+                ls = {letters[d] for d in c.span}
+                if ls & contracted:
+                    if ls - contracted - set(out_letters):
+                        pass
+                    free_kept = [ch for ch in ls if ch in out_letters and
+                                 sum(ch in o[1] for o in operands) == 1]
+                    if free_kept:
+                        self.store.freeze(c.lab, "a contracted channel dim is paired with a "
+                                          f"kept channel dim at {node.name}")
+                    contracted_comps.append((i, c))
+                else:
+                    carried.append((i, c))
+        # couple contracted channels across operands
+        by_operand: dict[int, Comp] = {}
+        for i, c in contracted_comps:
+            if i not in by_operand or c.distinct > by_operand[i].distinct:
+                by_operand[i] = c
+        for i, c in contracted_comps:
+            if by_operand[i] is not c:
+                self._head_rel(c, by_operand[i], operands[i][1], operands[i][1])
+        for ch in sorted(contracted):
+            holders = [i for i, (_, ls) in enumerate(operands) if ch in ls and sizes[ch] > 1]
+            labeled = [i for i in holders if i in by_operand and
+                       ch in {operands[i][1][d] for d in by_operand[i].span}]
+            unlabeled = [i for i in holders if i not in labeled]
+            if labeled and unlabeled:
+                for i in unlabeled:
+                    if not tvs[i].soft or tvs[i].comps:
+                        for j in labeled:
+                            self.store.freeze(by_operand[j].lab, "channels contracted against "
+                                              f"a tensor without channel labels at {node.name}")
+        ops_with = sorted(by_operand)
+        for a, b in zip(ops_with, ops_with[1:]):
+            la, lb = self._common(by_operand[a], operands[a][1], by_operand[b], operands[b][1])
+            self.store.union(la, lb)
+        hard_contracted = [i for i in ops_with if not tvs[i].soft]
+        for i in ops_with:
+            if sink_args is not None and i < len(sink_args) and sink_args[i] is not None:
+                self.sinks.append(Sink(node, sink_args[i], by_operand[i], sink_kind))
+        # head relations along letters kept by several operands
+        out_comps: list[Comp] = []
+        batch = [ch for ch in out_letters if sum(ch in ls for _, ls in operands) > 1]
+        fresh_heads = None
+        span_batch = [ch for ch in batch if any(
+            ch in {operands[i][1][d] for d in c.span} for i, c in contracted_comps)]
+        if span_batch:
+            shape = [sizes[ch] if ch in span_batch else 1 for ch in out_letters]
+            fresh_heads = Comp(self.store.fresh(tuple(shape)),
+                               tuple(d for d, ch in enumerate(out_letters) if ch in span_batch))
+            for i, c in contracted_comps:
+                self._head_rel(c, fresh_heads, operands[i][1], out_letters)
+        carried_out: list[tuple[int, Comp]] = []
+        for i, c in carried:
+            carried_out.append((i, self._to_letters(c, operands[i][1], out_letters, sizes)))
+        for x in range(len(carried_out)):
+            for y in range(x + 1, len(carried_out)):
+                (i, cx), (j, cy) = carried_out[x], carried_out[y]
+                if i != j and set(cx.span) & set(cy.span):
+                    self._head_rel(cx, cy, out_letters, out_letters)
+        if fresh_heads is not None:
+            for _, c in carried_out:
+                if set(c.span) & set(fresh_heads.span):
+                    self._head_rel(c, fresh_heads, out_letters, out_letters)
+        for i, c in carried_out:
+            batch_only = all(out_letters[d] in batch for d in c.span)
+            others = [c2 for j, c2 in carried_out if j != i and set(c2.span) >= set(c.span)
+                      and c2.distinct > c.distinct]
+            if batch_only and others:
+                continue
+            out_comps.append(c)
+        if fresh_heads is not None and not any(
+                set(c.span) >= set(fresh_heads.span) for c in out_comps):
+            out_comps.append(fresh_heads)
+        self._last_contraction = (hard_contracted, by_operand, fresh_heads)
+        out_shape = tuple(sizes[ch] for ch in out_letters)
+        soft = all(tv.soft for tv in tvs)
+        return TV(out_comps, out_shape, soft=soft)
+
+    def _to_letters(self, c: Comp, letters: str, out_letters: str, sizes) -> Comp:
+        span_letters = [letters[d] for d in c.span]
+        lab = c.lab
+        # drop non-span dims, order span dims as in out_letters
+        lab = lab.reshape([lab.shape[d] for d in c.span]) if c.span else lab.reshape(())
+        order = sorted(range(len(span_letters)), key=lambda k: out_letters.index(span_letters[k]))
+        lab = np.transpose(lab, order) if order else lab
+        shape = [1] * len(out_letters)
+        for k in order:
+            shape[out_letters.index(span_letters[k])] = c.lab.shape[c.span[k]]
+        return Comp(lab.reshape(shape), tuple(sorted(out_letters.index(ch) for ch in span_letters)),
+                    c.soft)
+
+    def _common(self, a: Comp, la: str, b: Comp, lb: str) -> tuple[np.ndarray, np.ndarray]:
+        letters = sorted({la[d] for d in a.span} | {lb[d] for d in b.span})
+        target = "".join(letters)
+        sizes = {}
+        for c, ls in ((a, la), (b, lb)):
+            for d in c.span:
+                sizes[ls[d]] = c.lab.shape[d]
+        ca = self._to_letters(a, la, target, sizes)
+        cb = self._to_letters(b, lb, target, sizes)
+        return ca.lab, cb.lab
+
+    def _head_rel(self, a: Comp, b: Comp, la: str, lb: str) -> None:
+        common = sorted({la[d] for d in a.span} & {lb[d] for d in b.span})
+        if not common:
+            return
+        xa = self._to_letters(a, la, "".join(sorted({la[d] for d in a.span} |
+                                                    {lb[d] for d in b.span})), {})
+        xb = self._to_letters(b, lb, "".join(sorted({la[d] for d in a.span} |
+                                                    {lb[d] for d in b.span})), {})
+        letters = "".join(sorted({la[d] for d in a.span} | {lb[d] for d in b.span}))
+        axis = letters.index(common[0])
+        if len(common) > 1:  # fold the common letters into one axis
+            self.store.head_union_along(xa.lab, xb.lab, axis)
+            return
+        self.store.head_union_along(xa.lab, xb.lab, axis)
+
+
+def _align(v: TV, nd: int) -> TV:
+    pad = nd - v.ndim
+    if pad <= 0:
+        return v
+    comps = [Comp(c.lab.reshape((1,) * pad + c.lab.shape), tuple(d + pad for d in c.span), c.soft)
+             for c in v.comps]
+    return TV(comps, (1,) * pad + v.shape, v.soft, None)
+
+
+def _structure(val) -> Any:
+    if isinstance(val, torch.Tensor):
+        return TV([], tuple(int(s) for s in val.shape))
+    if isinstance(val, (list, tuple)):
+        return [_structure(v) for v in val]
+    return None
+
+
+def _iter_comps(value):
+    if isinstance(value, TV):
+        yield from value.comps
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _iter_comps(v)
+
+
+def _comps_meta(value):
+    if isinstance(value, TV):
+        return [(c.lab, c.span) for c in value.comps]
+    if isinstance(value, (list, tuple)):
+        return [_comps_meta(v) for v in value]
+    return None
+
+
+def _fetch_attr(gm: torch.nn.Module, target: str):
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

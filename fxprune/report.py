@@ -1,0 +1,48 @@
+"""Human-readable tables for analyses and pruning results.
+
+Example:
+    >>> print(format_table(["a", "b"], [[1, "x"], [22, "yy"]]))
+    a   b
+    --  --
+    1   x
+    22  yy
+"""
+
+from __future__ import annotations
+
+
+def format_table(header: list[str], rows: list[list]) -> str:
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths).rstrip())
+    return "\n".join(lines)
+
+
+def analysis_table(analysis) -> str:
+    rows = []
+    for s in analysis.attention:
+        qk = analysis.groups[s.qk_group] if s.qk_group is not None else None
+        v = analysis.groups[s.v_group] if s.v_group is not None else None
+        frozen = "; ".join(sorted({g.frozen for g in (qk, v) if g is not None and g.frozen}))
+        rows.append([s.index, s.kind, s.num_heads, s.qk_head_dim, s.v_head_dim,
+                     f"{s.scale:.4g}" if s.scale is not None else "-",
+                     f"{s.q.name}/{s.k.name}", s.v.name if s.v is not None else "-",
+                     s.proj.name if s.proj is not None else "-",
+                     f"{s.qk_group}/{s.v_group}", frozen or "-"])
+    out = ["attention sites:", format_table(
+        ["site", "kind", "heads", "qk dim", "v dim", "scale", "q/k", "v", "proj",
+         "groups qk/v", "frozen"], rows)]
+    grows = []
+    for g in analysis.groups:
+        if g.kind == "heads":
+            continue
+        grows.append([g.index, g.kind, g.num_heads if g.num_heads else "-", g.size,
+                      g.site if g.site is not None else "-", len(g.members),
+                      g.frozen or "prunable"])
+    out += ["", "channel groups:", format_table(
+        ["group", "kind", "heads", "size", "site", "members", "status"], grows)]
+    if analysis.opaque:
+        out += ["", "opaque ops (their channels stay dense):"]
+        out += [f"  {n}: {w}" for n, w in analysis.opaque]
+    return "\n".join(out)
