@@ -45,16 +45,18 @@ def _matmul_letters(na: int, nb: int):
     return la, lb, lo
 
 
-def _contraction(p: Propagator, node, a_arg, b_arg, la, lb, lo, *, b_param_ok=True) -> TV:
+def _contraction(p: Propagator, node, a_arg, b_arg, la, lb, lo, *, arg_positions=(0, 1)) -> TV:
     a = p.tv(a_arg) or TV([], _shape(a_arg) or ())
     b = p.tv(b_arg) or TV([], _shape(b_arg) or ())
-    site_count = len(p.sites)
-    out = p.contract([(a, la), (b, lb)], lo, sink_args=[0, 1], sink_kind="matmul")
+    n_sinks = len(p.sinks)
+    out = p.contract([(a, la), (b, lb)], lo, sink_args=list(arg_positions), sink_kind="matmul")
     hard_contracted, by_operand, fresh_heads = p._last_contraction
     if len(hard_contracted) == 2:
         # both operands are activations whose channels meet here: a q.k product
-        p.sinks[-1:] = []  # gate one operand only (q): masking it removes the pair
-        p.sinks[-1].kind = "qk"
+        new = p.sinks[n_sinks:]
+        p.sinks[n_sinks:] = new[:1]  # gate one operand only (q): masking it removes the pair
+        for sink in new[:1]:
+            sink.kind = "qk"
         site = RawSite(node, a_arg, b_arg, by_operand[0], by_operand[1],
                        fresh_heads.lab if fresh_heads is not None else np.zeros(0, np.int64))
         carried_b = [c for c in b.comps if c is not by_operand[1]]
@@ -79,7 +81,6 @@ def _contraction(p: Propagator, node, a_arg, b_arg, la, lb, lo, *, b_param_ok=Tr
             for c in b.comps:
                 p.kv_origin[int(c.lab.ravel()[0])] = (b_arg, c)
                 p.store.mark(c.lab, "v")
-    del site_count
     return out
 
 
@@ -110,7 +111,7 @@ def _matmul(p: Propagator, node) -> Any:
 
 def _addmm(p: Propagator, node) -> Any:
     bias, x_arg, w_arg = node.args[0], node.args[1], node.args[2]
-    out = _contraction(p, node, x_arg, w_arg, "MK", "KN", "MN")
+    out = _contraction(p, node, x_arg, w_arg, "MK", "KN", "MN", arg_positions=(1, 2))
     b = p.tv(bias)
     if b is not None:
         out = p.pointwise([out, b], out.shape)
@@ -127,7 +128,9 @@ def _einsum(p: Propagator, node) -> Any:
         return _o()._unknown(p, node, f"einsum {eq!r} (only explicit two-operand forms)")
     ins, out = eq.split("->")
     la, lb = ins.split(",")
-    res = _contraction(p, node, operands[0], operands[1], la, lb, out)
+    positions = (1, 2) if len(node.args) == 3 else (None, None)
+    res = _contraction(p, node, operands[0], operands[1], la, lb, out,
+                       arg_positions=positions)
     res.shape = _shape(node) or res.shape
     return res
 

@@ -126,6 +126,7 @@ class Propagator:
 
         for node in self.gm.graph.nodes:
             self.current = node
+            _shape(node)
             self.env[node] = apply_rule(self, node)
             node.meta["fxprune.comps"] = _comps_meta(self.env[node])
         return self

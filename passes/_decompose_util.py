@@ -25,27 +25,27 @@ differs stays a graph value (``getattr(x, "shape")[0]``), so the inlined code wo
 batch size, like the original call did. When no two-world attempt succeeds the call is inlined
 with every shape fixed to the traced one ("static"), and the change record says so.
 
-Example:
-    >>> import torch, torch.nn.functional as F, fxprune
+Example (inline a function that has Python control flow on a shape):
+    >>> import torch, fxprune
+    >>> def gelu_if_wide(t):
+    ...     return torch.nn.functional.gelu(t) if t.shape[-1] > 2 else t
     >>> class M(torch.nn.Module):
     ...     def forward(self, x):
     ...         return torch.relu(x)
     >>> gm = fxprune.trace(M(), torch.randn(2, 3))
     >>> node = next(n for n in gm.graph.nodes if n.op == "call_function")
     >>> worlds = WorldSet(gm)
-    >>> out = inline_call(gm, node, lambda t: F.gelu(t) * 0 + torch.relu(t), (node.args[0],), {},
-    ...                   worlds=worlds, where="example")
+    >>> out = inline_call(gm, node, gelu_if_wide, node.args, {}, worlds=worlds, where="example")
     >>> replace_node(node, out.outputs, worlds)
     >>> refresh_meta(gm, "example"); _ = gm.recompile()
-    >>> sorted(str(n.target) for n in gm.graph.nodes if n.op == "call_function")[:1]
-    ['<built-in function add>']
+    >>> [n.target.__name__ for n in gm.graph.nodes if n.op == "call_function"], out.world_kind
+    (['gelu'], 'all-but-last')
 """
 
 from __future__ import annotations
 
 import builtins
 import dataclasses
-import math
 import operator
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -79,6 +79,12 @@ class DecomposeError(FxPruneError):
 class InlineError(Exception):
     """Internal: one attempt at tracing a call failed (the caller tries another world set or
     refuses the node with this message)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """``"TypeName: first line of the message"``."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,7 +162,7 @@ def refresh_meta(gm: torch.fx.GraphModule, where: str) -> None:
         FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fresh)
     except Exception as exc:
         raise DecomposeError(where, f"shape propagation failed after the rewrite: "
-                             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                             f"{first_line(exc)}",
                              hint="report this as an fxprune bug with the model") from exc
 
 
@@ -422,7 +428,7 @@ class _InlineTracer(torch.fx.Tracer):
             raise
         except Exception as exc:  # noqa: BLE001 - reported as the reason of a refusal
             raise InlineError(f"{kind} {getattr(target, '__name__', target)} failed on fake "
-                              f"tensors: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                              f"tensors: {first_line(exc)}") from exc
         side_effect = (target in _SIDE_EFFECT_FUNCTIONS if kind == "call_function" else
                        _is_inplace_method(kind, target) or kind == "call_module")
         if (not side_effect and not (kind == "call_function" and target in _NO_FOLD_FUNCTIONS)
@@ -513,8 +519,7 @@ def inline_call(gm: torch.fx.GraphModule, node: Node, fn: Callable[..., Any], ar
             reasons.append(f"{kind}: {exc}")
             continue
         except Exception as exc:  # noqa: BLE001 - any tracing failure refuses the node
-            reasons.append(f"{kind}: {type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else ''}")
+            reasons.append(f"{kind}: {first_line(exc)}")
             continue
         return _insert(gm, node, graph, out, kind)
     raise InlineError("; ".join(reasons) if reasons else "no usable shape information")
@@ -667,7 +672,7 @@ def _zeroed_clone(bias: Node) -> tuple[Node, list[tuple[int, int]], list[Node]] 
     if not ranges:
         return None
     ranges.sort()
-    for (a0, b0), (a1, _) in zip(ranges, ranges[1:]):
+    for (_, b0), (a1, _) in zip(ranges, ranges[1:]):
         if a1 < b0:
             return None
     return src, ranges, dead
@@ -716,6 +721,3 @@ def normalize_linear_biases(gm: torch.fx.GraphModule, nodes: Iterable[Node] | No
                        f"-> torch.cat([{', '.join(pieces_desc)}])")
     return changes
 
-
-def fmt_scale(x: float) -> str:
-    return f"{x:.6g}" if math.isfinite(x) else str(x)

@@ -63,8 +63,14 @@ from torch.fx.node import Node
 
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
 
-from ._decompose_util import (DecomposeError, InlineError, WorldSet, inline_call, refresh_meta,
-                              replace_node)
+from ._decompose_util import (
+    DecomposeError,
+    InlineError,
+    WorldSet,
+    inline_call,
+    refresh_meta,
+    replace_node,
+)
 
 __all__ = ["DecomposeMultiheadAttention", "DecomposeMhaOptions"]
 
@@ -147,12 +153,13 @@ class DecomposeMultiheadAttention(FxPass):
     Options = DecomposeMhaOptions
 
     def run(self, gm: torch.fx.GraphModule) -> PassResult:
+        if not _sites(gm):
+            return PassResult(gm, modified=False, changes=[], info={"refused": []})
         gm = copy_graph_module(gm)
         changes: list[str] = []
         refused: list[dict[str, str]] = []
         worlds: WorldSet | None = None
-        sites = [n for n in gm.graph.nodes if n.op == "call_module"
-                 and isinstance(gm.get_submodule(n.target), nn.MultiheadAttention)]
+        sites = _sites(gm)
         for node in sites:
             mha = gm.get_submodule(node.target)
             reason, call = self._check(node, mha)
@@ -274,6 +281,11 @@ class DecomposeMultiheadAttention(FxPass):
             f"need_weights={need_weights}) -> {proj} + {attn} + out_proj "
             f"({len(result.nodes)} nodes, dynamic sizes: {result.world_kind})")
         return None
+
+
+def _sites(gm: torch.fx.GraphModule) -> list[Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_module"
+            and isinstance(gm.get_submodule(n.target), nn.MultiheadAttention)]
 
 
 def _get(module: nn.Module, dotted: str) -> Any:

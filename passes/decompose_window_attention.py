@@ -53,8 +53,15 @@ from torch.fx.node import Node
 
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
 
-from ._decompose_util import (DecomposeError, InlineError, WorldSet, inline_call,
-                              normalize_linear_biases, refresh_meta, replace_node)
+from ._decompose_util import (
+    DecomposeError,
+    InlineError,
+    WorldSet,
+    inline_call,
+    normalize_linear_biases,
+    refresh_meta,
+    replace_node,
+)
 
 __all__ = ["DecomposeWindowAttention", "DecomposeWindowAttentionOptions", "wrapped_functions"]
 
@@ -101,6 +108,8 @@ class DecomposeWindowAttention(FxPass):
         table = wrapped_functions(self.options.helpers)
         for fn in self.options.extra_functions:
             table.setdefault(fn, getattr(fn, "__name__", repr(fn)))
+        if not any(n.op == "call_function" and _in(n.target, table) for n in gm.graph.nodes):
+            return PassResult(gm, modified=False, changes=[], info={"refused": []})
         gm = copy_graph_module(gm)
         sites = [n for n in gm.graph.nodes if n.op == "call_function" and _in(n.target, table)]
         changes: list[str] = []

@@ -1,0 +1,397 @@
+"""The ``fxprune`` command line (also ``python -m fxprune``).
+
+Subcommands::
+
+    fxprune analyze MODEL [--json] [--input-size H W]
+    fxprune prune   MODEL [--macs-ratio 0.7] [--criterion similarity] [--align 8]
+                          [--out pruned.pt2] [--json] [--input-size H W]
+    fxprune demo
+    fxprune bench   [--models NAME ...] [--out FILE] [--repeats 5] [--threads 2]
+
+``MODEL`` is a spec read by :func:`fxprune.models_registry.load_model`: ``timm:<name>``,
+``torchvision:<name>``, ``fxprune:<factory>`` or ``path/to/file.py:<factory>``.
+
+Errors fxprune raises on purpose (:class:`fxprune.errors.FxPruneError`) are printed as one
+paragraph on stderr with exit status 2; ``--debug`` adds the traceback. Anything else is a bug
+and shows its traceback.
+
+Example:
+    >>> main(["analyze", "fxprune:tiny_vit"])  # doctest: +ELLIPSIS
+    model: fxprune:tiny_vit  input: (1, 3, 32, 32)  MACs: ...
+    ...
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import FxPruneError, InputError
+
+PROG = "fxprune"
+PLAN_KEY = "fxprune.plan"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCH_SCRIPT = REPO_ROOT / "benchmarks" / "bench_analyze.py"
+
+__all__ = ["build_parser", "main", "prepare_graph"]
+
+
+# -- shared helpers -----------------------------------------------------------------------
+
+def _as_tuple(x: Any) -> tuple:
+    return tuple(x) if isinstance(x, tuple | list) else (x,)
+
+
+def _shape_text(x: Any) -> str:
+    shapes = [str(tuple(t.shape)) for t in _as_tuple(x) if isinstance(t, torch.Tensor)]
+    return ", ".join(shapes) or "-"
+
+
+def _fmt_macs(macs: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if macs >= scale:
+            return f"{macs / scale:.3f} {unit}"
+    return str(macs)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text else ""
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def prepare_graph(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, bool]:
+    """Run ``fxprune.pipeline.prepare`` (the decomposition passes: nn.MultiheadAttention,
+    torchvision's shifted window attention, F.linear on get_attr weights) when that module
+    exists; otherwise return the graph as traced. Returns ``(graph_module, prepared)``.
+
+    Only a missing ``fxprune.pipeline`` falls back: an error raised inside it propagates.
+    """
+    if not _module_exists("fxprune.pipeline"):
+        return gm, False
+    from .pipeline import prepare
+
+    result = prepare(gm)
+    if result is None:  # prepared in place
+        return gm, True
+    if isinstance(result, torch.fx.GraphModule):
+        return result, True
+    new = getattr(result, "graph_module", None)  # a PassResult
+    if isinstance(new, torch.fx.GraphModule):
+        return new, True
+    raise FxPruneError(f"{PROG}", f"fxprune.pipeline.prepare returned a "
+                       f"{type(result).__name__}, expected a GraphModule or PassResult",
+                       hint="report this as an fxprune bug")
+
+
+def _load(args) -> tuple[torch.nn.Module, Any]:
+    from .models_registry import load_model
+
+    return load_model(args.model, input_size=args.input_size)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=False))
+
+
+# -- analyze ------------------------------------------------------------------------------
+
+def analysis_report(model: torch.nn.Module, x: Any) -> tuple[Any, int, bool]:
+    """Trace, count MACs, prepare (decompose) and analyze: ``(analysis, macs, prepared)``."""
+    import fxprune
+
+    gm = fxprune.trace(model, x)
+    macs = fxprune.count_macs(gm)  # the dense graph as traced (opaque leaves are counted too)
+    gm, prepared = prepare_graph(gm)
+    return fxprune.analyze(gm), macs, prepared
+
+
+def cmd_analyze(args) -> int:
+    model, x = _load(args)
+    analysis, macs, prepared = analysis_report(model, x)
+    if args.json:
+        d = analysis.to_dict()
+        out = {"model": args.model,
+               "input_shape": [list(t.shape) for t in _as_tuple(x)],
+               "macs": macs,
+               "prepared": prepared,
+               "sites": len(d["attention"]),
+               "prunable_groups": sum(1 for g in analysis.groups if g.prunable),
+               "frozen_groups": sum(1 for g in analysis.groups if g.frozen is not None)}
+        out.update(d)
+        _print_json(out)
+        return 0
+    print(f"model: {args.model}  input: {_shape_text(x)}  MACs: {_fmt_macs(macs)}"
+          + ("" if prepared else "  (graph not decomposed: fxprune.pipeline not available)"))
+    print()
+    print(str(analysis))
+    return 0
+
+
+# -- prune --------------------------------------------------------------------------------
+
+def _plan_rows(model: torch.nn.Module, plan: dict) -> list[dict]:
+    """One row per (parameter, dim) of a plan: kept count and the original size."""
+    rows = []
+    for name, dims in plan.items():
+        try:
+            shape = tuple(model.get_parameter(name).shape)
+        except AttributeError:
+            try:
+                shape = tuple(model.get_buffer(name).shape)
+            except AttributeError:
+                shape = None
+        for dim, kept in dims.items():
+            n = int(kept.numel()) if isinstance(kept, torch.Tensor) else len(kept)
+            of = shape[int(dim)] if shape is not None and int(dim) < len(shape) else None
+            rows.append({"param": name, "dim": int(dim), "kept": n, "of": of})
+    return rows
+
+
+def _plan_table(rows: list[dict]) -> str:
+    from .report import format_table
+
+    if not rows:
+        return "plan: nothing pruned"
+    body = [[r["param"], r["dim"], r["kept"], r["of"] if r["of"] is not None else "?",
+             f"{r['kept'] / r['of']:.3f}" if r["of"] else "-"] for r in rows]
+    return "plan (kept indices per sliced parameter of the original model):\n" + format_table(
+        ["parameter", "dim", "kept", "of", "fraction"], body)
+
+
+def _save(pruned: torch.nn.Module, x: Any, out: str) -> None:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".pt2":
+        try:
+            ep = torch.export.export(pruned, _as_tuple(x))
+        except Exception as exc:
+            raise FxPruneError(f"{PROG} prune", f"torch.export of the pruned model failed: "
+                               f"{type(exc).__name__}: {_first_line(exc)}",
+                               hint="save the GraphModule instead with --out pruned.pt "
+                               "(torch.save), and report this as an fxprune bug") from exc
+        torch.export.save(ep, str(path))
+    else:
+        torch.save(pruned, str(path))
+
+
+def cmd_prune(args) -> int:
+    import fxprune
+
+    if not _module_exists("fxprune.prune"):
+        raise FxPruneError(f"{PROG} prune", "fxprune.prune is not available in this "
+                           "installation (fxprune/prune.py is missing)",
+                           hint="update fxprune; `fxprune analyze` works without it")
+    if not 0.0 < args.macs_ratio <= 1.0:
+        raise InputError(f"{PROG} prune", f"--macs-ratio must be in (0, 1], got "
+                         f"{args.macs_ratio}", hint="e.g. --macs-ratio 0.7 keeps 70% of the MACs")
+    if args.align < 1:
+        raise InputError(f"{PROG} prune", f"--align must be a positive int, got {args.align}")
+    model, x = _load(args)
+    dense = fxprune.count_macs(model, x)
+    pruned = fxprune.prune(model, x, macs_ratio=args.macs_ratio, criterion=args.criterion,
+                           align=args.align)
+    after = fxprune.count_macs(pruned, x)
+    plan = pruned.meta.get(PLAN_KEY, {}) if hasattr(pruned, "meta") else {}
+    rows = _plan_rows(model, plan)
+    if args.out:
+        _save(pruned, x, args.out)
+    if args.json:
+        _print_json({"model": args.model,
+                     "input_shape": [list(t.shape) for t in _as_tuple(x)],
+                     "macs_ratio_target": args.macs_ratio, "criterion": args.criterion,
+                     "align": args.align, "macs_dense": dense, "macs_pruned": after,
+                     "macs_ratio": after / dense if dense else None,
+                     "plan": rows, "out": args.out})
+        return 0
+    print(f"model: {args.model}  input: {_shape_text(x)}  criterion: {args.criterion}  "
+          f"align: {args.align}")
+    print(f"MACs: {_fmt_macs(dense)} -> {_fmt_macs(after)} "
+          f"({after / dense if dense else float('nan'):.3f} of dense; target "
+          f"{args.macs_ratio:g})")
+    print()
+    from . import report
+
+    if hasattr(report, "prune_table"):
+        print(report.prune_table(pruned))
+    else:
+        print(_plan_table(rows))
+    if args.out:
+        print(f"\nsaved: {args.out}")
+    return 0
+
+
+# -- demo ---------------------------------------------------------------------------------
+
+def _fallback_demo() -> int:
+    import fxprune
+
+    from .models_registry import load_model
+
+    spec = "timm:deit_small_patch16_224"
+    print(f"fxprune demo: {spec} (random weights), one (1, 3, 224, 224) input\n")
+    model, x = load_model(spec)
+    analysis, macs, _ = analysis_report(model, x)
+    print(f"dense MACs: {_fmt_macs(macs)}\n")
+    print(analysis)
+    if not _module_exists("fxprune.prune"):
+        print("\n(fxprune.prune is not available in this installation: pruning skipped)")
+        return 0
+    pruned = fxprune.prune(model, x, macs_ratio=0.7, criterion="similarity", align=8)
+    after = fxprune.count_macs(pruned, x)
+    print(f"\npruned to macs_ratio=0.7 (similarity, align 8): {_fmt_macs(macs)} -> "
+          f"{_fmt_macs(after)} ({after / macs:.3f})\n")
+    from . import report
+
+    if hasattr(report, "prune_table"):
+        print(report.prune_table(pruned))
+    else:
+        print(_plan_table(_plan_rows(model, pruned.meta.get(PLAN_KEY, {}))))
+    with torch.no_grad():
+        diff = (model(x) - pruned(x)).abs().max().item()
+    print(f"\nmax |dense - pruned| on the example input: {diff:.4g} (random weights)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    if _module_exists("fxprune.demo"):
+        from .demo import main as demo_main
+
+        rc = demo_main()
+        return rc if isinstance(rc, int) else 0
+    return _fallback_demo()
+
+
+# -- bench --------------------------------------------------------------------------------
+
+def cmd_bench(args) -> int:
+    if not BENCH_SCRIPT.is_file():
+        raise InputError(f"{PROG} bench", f"benchmark script not found at {BENCH_SCRIPT}",
+                         hint="benchmarks live in the source checkout; run from a clone "
+                         "installed with `pip install -e .`")
+    cmd = [sys.executable, str(BENCH_SCRIPT), "--repeats", str(args.repeats),
+           "--threads", str(args.threads)]
+    if args.out:
+        cmd += ["--out", args.out]
+    if args.models:
+        cmd += ["--models", *args.models]
+    return subprocess.call(cmd)
+
+
+# -- parser and entry point ---------------------------------------------------------------
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="timm:<name> | torchvision:<name> | fxprune:<factory> | "
+                   "path/to/file.py:<factory>")
+    p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), default=None,
+                   help="spatial size of the example input (default: the model's own)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of errors")
+    common.add_argument("--seed", type=int, default=argparse.SUPPRESS,
+                        help="seed of torch's global RNG (random weights, random criterion; "
+                        "default 0)")
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, parents=[common],
+        description="Structured pruning of vision transformers with torch.fx passes.",
+        epilog="examples:\n"
+               "  fxprune analyze timm:deit_small_patch16_224\n"
+               "  fxprune analyze fxprune:tiny_vit --json\n"
+               "  fxprune prune timm:deit_small_patch16_224 --macs-ratio 0.7 --out pruned.pt2\n"
+               "  fxprune demo",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("analyze", parents=[common], help="attention sites and channel groups",
+                       description="Trace MODEL, decompose opaque attention, and print the "
+                       "attention sites, channel groups (with the reason of any frozen group) "
+                       "and the dense MACs.")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("prune", parents=[common], help="one-shot structured pruning",
+                       description="Prune MODEL to a MACs budget without training and print "
+                       "the plan. --out FILE.pt2 saves torch.export.export(pruned); any other "
+                       "suffix saves the GraphModule with torch.save.")
+    _add_model_args(p)
+    p.add_argument("--macs-ratio", type=float, default=0.7,
+                   help="target MACs as a fraction of the dense model (default 0.7)")
+    p.add_argument("--criterion", default="similarity",
+                   help="channel ranking: similarity (AMAP eq. 1-3), l1, random "
+                   "(default similarity)")
+    p.add_argument("--align", type=int, default=8,
+                   help="kept counts per head / group rounded to this multiple (default 8)")
+    p.add_argument("--out", default=None, help="where to save the pruned model")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("demo", parents=[common], help="the demo job (what `make demo` runs)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", parents=[common],
+                       help="analysis timings (benchmarks/bench_analyze.py)")
+    p.add_argument("--models", nargs="+", default=None, metavar="NAME",
+                   help="timm model names (default: vit_large, vit_base, deit_small)")
+    p.add_argument("--out", default=None,
+                   help="JSON result file (default benchmarks/results/analyze.json)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per step (median)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 usage or fxprune error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    if getattr(args, "threads", None) and args.command != "bench":
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(getattr(args, "seed", 0))
+    try:
+        return args.func(args)
+    except FxPruneError as exc:
+        if debug:
+            traceback.print_exc()
+        text = str(exc).rstrip()
+        if not debug:
+            text += "\n(run with --debug for the traceback)"
+        print(f"{PROG}: error: {text}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `fxprune analyze ... | head`
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

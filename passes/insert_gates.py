@@ -1,0 +1,101 @@
+"""``insert-gates``: a learnable gate on every prunable channel group.
+
+Where: at each place the group's channels are contracted away (the input of the consuming
+Linear or conv, q in a q.k product or SDPA). Masking there equals removing the channels,
+because the analysis froze every group whose channels are mixed, normalised or reach the
+output on the way. Gates at 1 leave the model bit-identical; binary gates give the masked
+model that :mod:`fxprune.passes.slice` reproduces exactly.
+
+Graph before and after (one MLP)::
+
+    fc1 -> act -> fc2            fc1 -> act -> gate_g3 -> fc2
+
+Example:
+    >>> import torch, fxprune
+    >>> from fxprune.passes.insert_gates import InsertGates
+    >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
+    >>> gm = fxprune.trace(m, torch.randn(2, 4)); _ = fxprune.analyze(gm)
+    >>> result = InsertGates()(gm)
+    >>> result.info["gates"]
+    {0: ['fxprune_gate_g0_0']}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+import torch.fx
+
+from fxprune.analysis import get_analysis
+from fxprune.errors import PassOrderError
+from fxprune.gates import ChannelGate, GateValues
+from fxprune.passbase import FxPass, PassResult, copy_graph_module
+
+GATES_KEY = "fxprune.gates"
+
+
+@dataclasses.dataclass(frozen=True)
+class InsertGatesOptions:
+    groups: tuple[int, ...] | None = None   # None: every prunable group
+    inplace: bool = False
+
+
+class InsertGates(FxPass):
+    name = "insert-gates"
+    Options = InsertGatesOptions
+
+    def requires(self, gm):
+        super().requires(gm)
+        get_analysis(gm, self.name)
+        if gm.meta.get(GATES_KEY):
+            raise PassOrderError(self.name, "the graph already has gates",
+                                 hint="run insert-gates once per graph")
+
+    def run(self, gm: torch.fx.GraphModule) -> PassResult:
+        out = gm if self.options.inplace else copy_graph_module(gm)
+        analysis = get_analysis(out, self.name)
+        node_by_name = {n.name: n for n in out.graph.nodes}
+        wanted = self.options.groups
+        gates: dict[int, list[str]] = {}
+        changes = []
+        for g in analysis.groups:
+            if not g.prunable or (wanted is not None and g.index not in wanted):
+                continue
+            values = GateValues(g.index, g.layout.shape[0], g.layout.shape[1])
+            position = {int(c): i for i, c in enumerate(g.layout.ravel())}
+            sinks = [s for s in g.sinks if s.kind in ("qk",)] or list(g.sinks)
+            for j, sink in enumerate(sinks):
+                node = node_by_name[sink.node.name]
+                lab = sink.comp.lab
+                ch = analysis.components.channel_of(lab)
+                index = np.vectorize(position.__getitem__, otypes=[np.int64])(ch)
+                operand = node.args[sink.arg] if isinstance(sink.arg, int) else \
+                    node.kwargs[sink.arg]
+                nd = len(operand.meta["fxprune.shape"])
+                index = index.reshape((1,) * (nd - index.ndim) + index.shape)
+                mod_name = f"fxprune_gate_g{g.index}_{j}"
+                out.add_submodule(mod_name, ChannelGate(g.index, *g.layout.shape,
+                                                        torch.from_numpy(index), values))
+                with out.graph.inserting_before(node):
+                    gate_node = out.graph.call_module(mod_name, (operand,))
+                gate_node.meta.update({k: v for k, v in operand.meta.items()
+                                       if k in ("val", "fxprune.shape", "fxprune.comps")})
+                if isinstance(sink.arg, int):
+                    args = list(node.args)
+                    args[sink.arg] = gate_node
+                    node.args = tuple(args)
+                else:
+                    node.kwargs = {**node.kwargs, sink.arg: gate_node}
+                gates.setdefault(g.index, []).append(mod_name)
+                changes.append(f"gate on group {g.index} ({g.kind}) before {node.name}")
+        out.meta[GATES_KEY] = gates
+        out.recompile()
+        return PassResult(out, bool(gates), changes, {"gates": gates})
+
+
+def gate_modules(gm: torch.fx.GraphModule) -> dict[int, ChannelGate]:
+    """First gate module of every gated group (all gates of a group share their values)."""
+    gates = gm.meta.get(GATES_KEY) or {}
+    return {g: gm.get_submodule(names[0]) for g, names in gates.items()}
