@@ -36,7 +36,7 @@ def __getattr__(name):  # lazy: keep `import fxprune` cheap and free of import c
         from .macs import count_macs
         return count_macs
     if name == "prune":
-        from .prune import prune
+        from .oneshot import prune
         return prune
     if name == "Analysis":
         from .analysis import Analysis

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import subprocess
@@ -77,27 +78,46 @@ def _module_exists(name: str) -> bool:
         return False
 
 
-def prepare_graph(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, bool]:
+def _get_prune():
+    """``fxprune.prune``, or a typed error where this installation lacks it."""
+    import fxprune
+
+    try:
+        return fxprune.prune
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("fxprune"):
+            raise
+        raise FxPruneError(f"{PROG} prune", "fxprune.prune is not available in this "
+                           f"installation ({exc})",
+                           hint="update fxprune; `fxprune analyze` works without it") from exc
+
+
+def prepare_graph(gm: torch.fx.GraphModule
+                  ) -> tuple[torch.fx.GraphModule, list[tuple[str, bool]] | None]:
     """Run ``fxprune.pipeline.prepare`` (the decomposition passes: nn.MultiheadAttention,
-    torchvision's shifted window attention, F.linear on get_attr weights) when that module
-    exists; otherwise return the graph as traced. Returns ``(graph_module, prepared)``.
+    torchvision's shifted window attention, F.linear on get_attr weights, fused q/k/v splits)
+    when that module exists. Returns ``(graph_module, log)``: ``log`` is ``[(pass, modified)]``,
+    or None when ``fxprune.pipeline`` is not installed (the graph is returned as traced).
 
     Only a missing ``fxprune.pipeline`` falls back: an error raised inside it propagates.
     """
     if not _module_exists("fxprune.pipeline"):
-        return gm, False
+        return gm, None
     from .pipeline import prepare
 
     result = prepare(gm)
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0],
+                                                                     torch.fx.GraphModule):
+        return result[0], list(result[1])
     if result is None:  # prepared in place
-        return gm, True
+        return gm, []
     if isinstance(result, torch.fx.GraphModule):
-        return result, True
+        return result, []
     new = getattr(result, "graph_module", None)  # a PassResult
     if isinstance(new, torch.fx.GraphModule):
-        return new, True
+        return new, []
     raise FxPruneError(f"{PROG}", f"fxprune.pipeline.prepare returned a "
-                       f"{type(result).__name__}, expected a GraphModule or PassResult",
+                       f"{type(result).__name__}, expected (GraphModule, log)",
                        hint="report this as an fxprune bug")
 
 
@@ -113,8 +133,9 @@ def _print_json(obj: Any) -> None:
 
 # -- analyze ------------------------------------------------------------------------------
 
-def analysis_report(model: torch.nn.Module, x: Any) -> tuple[Any, int, bool]:
-    """Trace, count MACs, prepare (decompose) and analyze: ``(analysis, macs, prepared)``."""
+def analysis_report(model: torch.nn.Module, x: Any) -> tuple[Any, int, list | None]:
+    """Trace, count MACs, prepare (decompose) and analyze: ``(analysis, macs, prepare log)``
+    (the log is None where ``fxprune.pipeline`` is not available)."""
     import fxprune
 
     gm = fxprune.trace(model, x)
@@ -131,15 +152,21 @@ def cmd_analyze(args) -> int:
         out = {"model": args.model,
                "input_shape": [list(t.shape) for t in _as_tuple(x)],
                "macs": macs,
-               "prepared": prepared,
+               "prepared": prepared is not None,
+               "prepare_passes": ([{"pass": n, "modified": bool(m)} for n, m in prepared]
+                                  if prepared is not None else None),
                "sites": len(d["attention"]),
                "prunable_groups": sum(1 for g in analysis.groups if g.prunable),
                "frozen_groups": sum(1 for g in analysis.groups if g.frozen is not None)}
         out.update(d)
         _print_json(out)
         return 0
-    print(f"model: {args.model}  input: {_shape_text(x)}  MACs: {_fmt_macs(macs)}"
-          + ("" if prepared else "  (graph not decomposed: fxprune.pipeline not available)"))
+    print(f"model: {args.model}  input: {_shape_text(x)}  MACs: {_fmt_macs(macs)}")
+    if prepared is None:
+        print("prepare: skipped (fxprune.pipeline not available: graph analysed as traced)")
+    else:
+        changed = [n for n, m in prepared if m]
+        print(f"prepare: {', '.join(changed) if changed else 'no rewrites needed'}")
     print()
     print(str(analysis))
     return 0
@@ -176,6 +203,34 @@ def _plan_table(rows: list[dict]) -> str:
         ["parameter", "dim", "kept", "of", "fraction"], body)
 
 
+def _summary_table(summary: list[dict]) -> str:
+    """Widths before -> after per attention site and MLP (``pruned.meta["fxprune.summary"]``)."""
+    from .report import format_table
+
+    rows = []
+    for r in summary:
+        if "site" in r:
+            rows.append([f"site {r['site']}", r.get("kind", "-"), r.get("heads", "-"),
+                         f"{r.get('qk_dim')} -> {r.get('qk_dim_after')}",
+                         f"{r.get('v_dim')} -> {r.get('v_dim_after')}", "-", "-"])
+        else:
+            rows.append([f"group {r.get('group')}", r.get("kind", "-"), "-", "-", "-",
+                         f"{r.get('width')} -> {r.get('width_after')}", r.get("frozen") or "-"])
+    return "kept widths:\n" + format_table(
+        ["where", "kind", "heads", "qk dim/head", "v dim/head", "width", "frozen"], rows)
+
+
+def _result_table(model: torch.nn.Module, pruned: torch.nn.Module, rows: list[dict]) -> str:
+    from . import report
+
+    if hasattr(report, "prune_table"):
+        return report.prune_table(pruned)
+    summary = getattr(pruned, "meta", {}).get("fxprune.summary")
+    if summary:
+        return _summary_table(summary)
+    return _plan_table(rows)
+
+
 def _save(pruned: torch.nn.Module, x: Any, out: str) -> None:
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -195,19 +250,19 @@ def _save(pruned: torch.nn.Module, x: Any, out: str) -> None:
 def cmd_prune(args) -> int:
     import fxprune
 
-    if not _module_exists("fxprune.prune"):
-        raise FxPruneError(f"{PROG} prune", "fxprune.prune is not available in this "
-                           "installation (fxprune/prune.py is missing)",
-                           hint="update fxprune; `fxprune analyze` works without it")
     if not 0.0 < args.macs_ratio <= 1.0:
         raise InputError(f"{PROG} prune", f"--macs-ratio must be in (0, 1], got "
                          f"{args.macs_ratio}", hint="e.g. --macs-ratio 0.7 keeps 70% of the MACs")
     if args.align < 1:
         raise InputError(f"{PROG} prune", f"--align must be a positive int, got {args.align}")
+    prune = _get_prune()
     model, x = _load(args)
     dense = fxprune.count_macs(model, x)
-    pruned = fxprune.prune(model, x, macs_ratio=args.macs_ratio, criterion=args.criterion,
-                           align=args.align)
+    kwargs = {}
+    if hasattr(args, "seed") and "seed" in inspect.signature(prune).parameters:
+        kwargs["seed"] = args.seed  # the random criterion's seed, where prune takes one
+    pruned = prune(model, x, macs_ratio=args.macs_ratio, criterion=args.criterion,
+                   align=args.align, **kwargs)
     after = fxprune.count_macs(pruned, x)
     plan = pruned.meta.get(PLAN_KEY, {}) if hasattr(pruned, "meta") else {}
     rows = _plan_rows(model, plan)
@@ -219,6 +274,7 @@ def cmd_prune(args) -> int:
                      "macs_ratio_target": args.macs_ratio, "criterion": args.criterion,
                      "align": args.align, "macs_dense": dense, "macs_pruned": after,
                      "macs_ratio": after / dense if dense else None,
+                     "summary": getattr(pruned, "meta", {}).get("fxprune.summary"),
                      "plan": rows, "out": args.out})
         return 0
     print(f"model: {args.model}  input: {_shape_text(x)}  criterion: {args.criterion}  "
@@ -227,12 +283,7 @@ def cmd_prune(args) -> int:
           f"({after / dense if dense else float('nan'):.3f} of dense; target "
           f"{args.macs_ratio:g})")
     print()
-    from . import report
-
-    if hasattr(report, "prune_table"):
-        print(report.prune_table(pruned))
-    else:
-        print(_plan_table(rows))
+    print(_result_table(model, pruned, rows))
     if args.out:
         print(f"\nsaved: {args.out}")
     return 0
@@ -251,19 +302,16 @@ def _fallback_demo() -> int:
     analysis, macs, _ = analysis_report(model, x)
     print(f"dense MACs: {_fmt_macs(macs)}\n")
     print(analysis)
-    if not _module_exists("fxprune.prune"):
+    try:
+        prune = _get_prune()
+    except FxPruneError:
         print("\n(fxprune.prune is not available in this installation: pruning skipped)")
         return 0
-    pruned = fxprune.prune(model, x, macs_ratio=0.7, criterion="similarity", align=8)
+    pruned = prune(model, x, macs_ratio=0.7, criterion="similarity", align=8)
     after = fxprune.count_macs(pruned, x)
     print(f"\npruned to macs_ratio=0.7 (similarity, align 8): {_fmt_macs(macs)} -> "
           f"{_fmt_macs(after)} ({after / macs:.3f})\n")
-    from . import report
-
-    if hasattr(report, "prune_table"):
-        print(report.prune_table(pruned))
-    else:
-        print(_plan_table(_plan_rows(model, pruned.meta.get(PLAN_KEY, {}))))
+    print(_result_table(model, pruned, _plan_rows(model, pruned.meta.get(PLAN_KEY, {}))))
     with torch.no_grad():
         diff = (model(x) - pruned(x)).abs().max().item()
     print(f"\nmax |dense - pruned| on the example input: {diff:.4g} (random weights)")

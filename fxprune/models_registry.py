@@ -73,8 +73,8 @@ def parse_spec(spec: str) -> tuple[str, str]:
             raise InputError(WHERE, f"model spec {spec!r} names no model after '{head}:'",
                              hint=f"use one of: {FORMS}")
         return head, rest
-    path, sep, factory = spec.rpartition(":")
-    if sep and path.endswith(".py"):
+    path, psep, _ = spec.rpartition(":")
+    if psep and path.endswith(".py"):
         return "file", spec
     if spec.endswith(".py"):
         raise InputError(WHERE, f"model spec {spec!r} names a file but no factory",
@@ -84,8 +84,8 @@ def parse_spec(spec: str) -> tuple[str, str]:
         guess = _bare_name_guess(spec)
         if guess:
             hint = f"did you mean {guess}? Otherwise use one of: {FORMS}"
-    raise InputError(WHERE, f"unknown model spec {spec!r} (unknown prefix "
-                     f"{(spec.partition(':')[0] + ':') if ':' in spec else 'none'})", hint=hint)
+    what = f"unknown prefix '{head}:'" if sep else "no prefix"
+    raise InputError(WHERE, f"unknown model spec {spec!r} ({what})", hint=hint)
 
 
 def load_model(spec: str, input_size: Sequence[int] | None = None
@@ -144,14 +144,16 @@ def _with_size(x: Any, hw: tuple[int, int] | None) -> Any:
 def _describe(x: Any) -> str:
     if isinstance(x, torch.Tensor):
         return f"a tensor of shape {tuple(x.shape)}"
-    return f"a {type(x).__name__}"
+    return f"a value of type {type(x).__name__}"
 
 
 def _suggest(name: str, names: Sequence[str], n: int = 5) -> list[str]:
-    close = difflib.get_close_matches(name, names, n=n, cutoff=0.6)
+    """Names starting with ``name``, then containing it, then close spellings."""
     low = name.lower()
-    contains = [m for m in names if low in m.lower() and m not in close]
-    return (close + contains)[:n]
+    out = [m for m in names if m.lower().startswith(low)]
+    out += [m for m in names if low in m.lower() and m not in out]
+    out += [m for m in difflib.get_close_matches(name, names, n=n, cutoff=0.6) if m not in out]
+    return out[:n]
 
 
 def _bare_name_guess(name: str) -> str | None:
@@ -190,6 +192,10 @@ def _build(factory: Callable, size_kwarg: str, size_value: Any, what: str, **kwa
         except TypeError as exc:
             if size_kwarg not in str(exc):
                 raise InputError(WHERE, f"building {what} failed: {exc}") from exc
+        except Exception as exc:
+            raise InputError(WHERE, f"building {what} for input size {size_value} failed: "
+                             f"{type(exc).__name__}: {exc}",
+                             hint="choose an input size the model supports") from exc
     try:
         return factory(**kwargs)
     except InputError:

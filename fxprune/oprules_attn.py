@@ -273,9 +273,8 @@ def _getitem(p: Propagator, node) -> Any:
         if isinstance(i, (list, tuple)):
             i = np.asarray(i)
         if isinstance(i, slice):
-            i = slice(*(x if not isinstance(x, torch.fx.Node) else None
-                        for x in (i.start, i.stop, i.step))) if any(
-                isinstance(x, torch.fx.Node) for x in (i.start, i.stop, i.step)) else i
+            # bounds computed from shapes (e.g. D // 2) are concrete ints in the metadata
+            i = slice(*(_int_value(x) for x in (i.start, i.stop, i.step)))
             comps = [layout.take_comp(c, dim, i) for c in comps]
             shape[dim] = len(range(*i.indices(shape[dim])))
             dim += 1
@@ -288,6 +287,13 @@ def _getitem(p: Propagator, node) -> Any:
             shape[dim:dim + 1] = list(arr.shape)
             dim += arr.ndim
     return TV([c for c in comps], _shape(node) or tuple(shape), v.soft)
+
+
+def _int_value(x):
+    if isinstance(x, torch.fx.Node):
+        val = x.meta.get("val")
+        return int(val) if isinstance(val, int) else None
+    return x
 
 
 def _split_like(p: Propagator, node, name) -> Any:

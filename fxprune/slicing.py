@@ -86,6 +86,14 @@ def slice_tensor(t: torch.Tensor, mask: np.ndarray) -> torch.Tensor:
     if mask.all():
         return t
     sizes = sizes_from_mask(mask)
+    kept = [np.nonzero(mask.any(axis=tuple(o for o in range(mask.ndim) if o != d)))[0]
+            for d in range(mask.ndim)]
+    if [len(k) for k in kept] == sizes:  # a product of per-dim index sets: cheap gathers
+        out = t.detach()
+        for d, idx in enumerate(kept):
+            if len(idx) < t.shape[d]:
+                out = out.index_select(d, torch.as_tensor(idx, device=t.device))
+        return out.contiguous()
     flat = torch.from_numpy(np.array(mask)).to(t.device)
     return t.detach()[flat].reshape(sizes).clone()
 

@@ -56,11 +56,11 @@ import torch.nn.functional as F
 from torch.fx.node import Node, map_aggregate, map_arg
 from torch.fx.proxy import Attribute, Proxy
 
-from fxprune.errors import FxPruneError
+from fxprune.errors import FxPruneError, PassOrderError
 
 __all__ = [
     "DecomposeError", "WorldSet", "InlineResult", "inline_call", "replace_node", "refresh_meta",
-    "normalize_linear_biases", "is_fake_or_meta", "LINEAR_TARGETS",
+    "normalize_linear_biases", "require_shapes", "copy_for_rewrite", "LINEAR_TARGETS",
 ]
 
 #: ``call_function`` targets that are a Linear in the canonical form (``F.linear`` is
@@ -97,9 +97,13 @@ def _fake_tensor_type():
     return FakeTensor
 
 
-def is_fake_or_meta(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and (
-        isinstance(value, _fake_tensor_type()) or value.device.type == "meta")
+def require_shapes(where: str, gm: torch.fx.GraphModule) -> None:
+    """Raise :class:`PassOrderError` unless every graph input carries ``meta["val"]``."""
+    for node in gm.graph.find_nodes(op="placeholder"):
+        if not isinstance(node.meta.get("val"), torch.Tensor):
+            raise PassOrderError(where, "the graph inputs have no shape metadata "
+                                 "(node.meta['val'])", node=node,
+                                 hint=f"run fxprune.trace(model, example_inputs) before {where}")
 
 
 def _placeholder_values(gm: torch.fx.GraphModule, where: str) -> list[Any]:
@@ -166,6 +170,19 @@ def refresh_meta(gm: torch.fx.GraphModule, where: str) -> None:
                              hint="report this as an fxprune bug with the model") from exc
 
 
+def copy_for_rewrite(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A deep copy of ``gm`` (as :func:`fxprune.passbase.copy_graph_module`) whose node metas
+    share the (immutable) fake tensors of the original instead of deep-copying each one."""
+    import copy
+
+    memo: dict[int, Any] = {}
+    for node in gm.graph.nodes:
+        for v in torch.utils._pytree.tree_leaves(node.meta.get("val")):
+            if isinstance(v, torch.Tensor):
+                memo[id(v)] = v
+    return copy.deepcopy(gm, memo)
+
+
 # --------------------------------------------------------------------------------------------
 # two worlds
 # --------------------------------------------------------------------------------------------
@@ -196,8 +213,10 @@ WORLD_KINDS = ("all-but-last", "batch", "static")
 
 
 class WorldSet:
-    """Fake values of every node of ``gm`` in world 0 (the traced sizes) and, per world kind,
-    in world 1 (graph inputs resized). Computed lazily, once per kind."""
+    """Fake values of graph nodes in world 0 (the traced sizes, from ``node.meta["val"]``) and,
+    per world kind, in world 1 (the graph run on fake inputs with other sizes). The world-1 runs
+    happen when the set is made, before any rewrite, so later lookups see the original graph
+    (a node that replaced another is looked up as the node it replaced, see :meth:`alias`)."""
 
     def __init__(self, gm: torch.fx.GraphModule, where: str = "decompose"):
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -205,16 +224,14 @@ class WorldSet:
         self.gm = gm
         self.where = where
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
-        self._runs: dict[str, dict[Node, Any] | None] = {}
         self._alias: dict[Node, Node] = {}
+        self._world0: dict[Node, Any] = {}
+        self._runs = {kind: self._run(kind) for kind in WORLD_KINDS if kind != "static"}
 
     def _run(self, kind: str) -> dict[Node, Any] | None:
-        if kind in self._runs:
-            return self._runs[kind]
-        values = _placeholder_values(self.gm, self.where)
         inputs = []
         try:
-            for v in values:
+            for v in _placeholder_values(self.gm, self.where):
                 if not isinstance(v, torch.Tensor):
                     inputs.append(v)
                     continue
@@ -226,41 +243,53 @@ class WorldSet:
                 inputs.append(_fresh_fake(self.mode, v, shape))
             ev = _FakeEval(self.gm, self.mode)
             ev.run(*inputs)
-            result: dict[Node, Any] | None = ev.values
+            return ev.values
         except Exception:  # noqa: BLE001 - this world set is not usable for this graph
-            result = None
-        if kind == "world0" and result is None:
-            raise DecomposeError(self.where, "could not run the graph on fake copies of its "
-                                 "inputs' recorded shapes",
-                                 hint="re-trace the model with fxprune.trace")
-        self._runs[kind] = result
-        return result
+            return None
 
     def available(self, kind: str) -> bool:
-        if kind == "static":
-            return True
-        return self._run(kind) is not None
+        return kind == "static" or self._runs.get(kind) is not None
 
     def alias(self, new: Node, old: Node) -> None:
         """``new`` now computes what ``old`` computed (``old`` was replaced)."""
         self._alias[new] = self._alias.get(old, old)
 
-    def values(self, node: Node, kind: str) -> tuple[Any, ...]:
-        node = self._alias.get(node, node)
-        base = self._run("world0")
-        if node.op == "get_attr" and node not in base:
+    def _base(self, node: Node) -> Any:
+        if node in self._world0:
+            return self._world0[node]
+        if node.op == "get_attr":
             value = _fetch(self.gm, node.target)
             if isinstance(value, torch.Tensor):
                 value = self.mode.from_tensor(value)
-            return (value,) if kind == "static" else (value, value)
-        if node not in base:
-            raise InlineError(f"no recorded value for {node.name}")
+        else:
+            if "val" not in node.meta:
+                raise InlineError(f"{node.name} has no shape metadata (meta['val'])")
+
+            def fresh(v):
+                if not isinstance(v, torch.Tensor):
+                    return v
+                _concrete_shape(v, self.where)
+                device = v.device if v.device.type != "meta" else torch.device("cpu")
+                with self.mode:
+                    return torch.empty_strided(tuple(int(s) for s in v.shape),
+                                               tuple(int(s) for s in v.stride()),
+                                               dtype=v.dtype, device=device)
+
+            value = torch.utils._pytree.tree_map(fresh, node.meta["val"])
+        self._world0[node] = value
+        return value
+
+    def values(self, node: Node, kind: str) -> tuple[Any, ...]:
+        node = self._alias.get(node, node)
+        base = self._base(node)
         if kind == "static":
-            return (base[node],)
-        other = self._run(kind)
+            return (base,)
+        if node.op == "get_attr":
+            return (base, base)
+        other = self._runs.get(kind)
         if other is None or node not in other:
-            raise InlineError(f"world set {kind!r} unavailable")
-        return (base[node], other[node])
+            raise InlineError(f"world set {kind!r} unavailable for {node.name}")
+        return (base, other[node])
 
 
 def _fetch(gm: torch.nn.Module, target: str) -> Any:

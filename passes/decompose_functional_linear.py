@@ -60,9 +60,16 @@ import torch.fx
 import torch.nn.functional as F
 from torch.fx.node import Node
 
-from fxprune.passbase import FxPass, PassResult, copy_graph_module
+from fxprune.passbase import FxPass, PassResult
 
-from ._decompose_util import DECOMPOSED_FROM, linear_parts, normalize_linear_biases, refresh_meta
+from ._decompose_util import (
+    DECOMPOSED_FROM,
+    copy_for_rewrite,
+    linear_parts,
+    normalize_linear_biases,
+    refresh_meta,
+    require_shapes,
+)
 
 __all__ = ["DecomposeFunctionalLinear", "DecomposeFunctionalLinearOptions", "LINEAR_META"]
 
@@ -99,9 +106,13 @@ class DecomposeFunctionalLinear(FxPass):
     name = "decompose-functional-linear"
     Options = DecomposeFunctionalLinearOptions
 
+    def requires(self, gm: torch.fx.GraphModule) -> None:
+        super().requires(gm)
+        require_shapes(self.name, gm)
+
     def run(self, gm: torch.fx.GraphModule) -> PassResult:
         if any(_candidate(n) for n in gm.graph.nodes):
-            gm = copy_graph_module(gm)  # rewrites work on a copy; annotations alone do not
+            gm = copy_for_rewrite(gm)  # rewrites work on a copy; annotations alone do not
         changes: list[str] = []
         skipped: list[dict[str, str]] = []
         for node in list(gm.graph.nodes):
@@ -122,14 +133,14 @@ class DecomposeFunctionalLinear(FxPass):
                                     f"with the transposed parameter {w.target!r} is not a "
                                     "Linear pattern this pass rewrites"})
         changes += normalize_linear_biases(gm)
-        if self.options.annotate:
-            for node in gm.graph.nodes:
-                if node.op == "call_function" and node.target is F.linear:
-                    _annotate(node)
         if changes:
             refresh_meta(gm, self.name)
             gm.graph.lint()
             gm.recompile()
+        if self.options.annotate:  # after refresh_meta: bias pieces are sized from meta["val"]
+            for node in gm.graph.nodes:
+                if node.op == "call_function" and node.target is F.linear:
+                    _annotate(node)
         return PassResult(gm, modified=bool(changes), changes=changes,
                           info={"skipped": skipped})
 

@@ -13,7 +13,8 @@ The rewrite of one call (self-attention, packed in-projection, as in torchvision
 * Cross-attention (query, key, value not the same node) or separate ``q/k/v_proj_weight``
   (``kdim``/``vdim`` != ``embed_dim``): three ``F.linear`` calls; with a packed in-projection
   their weights and biases are row slices (``getitem``) of the ``get_attr`` parameters.
-* ``need_weights=True``, or ``dropout > 0``: explicit attention,
+* ``need_weights=True`` (the default of ``nn.MultiheadAttention.forward``) with the weights
+  read by some node, or ``dropout > 0``: explicit attention,
   ``softmax((q * head_dim**-0.5) @ k.transpose(-2, -1)) @ v`` (the scaling torch's MHA uses);
   the returned weights are averaged over heads when ``average_attn_weights`` (as in torch).
   Attention dropout becomes an ``nn.Dropout`` submodule added to the GraphModule root (named
@@ -53,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import operator
 from typing import Any
 
 import torch
@@ -61,15 +63,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.node import Node
 
-from fxprune.passbase import FxPass, PassResult, copy_graph_module
+from fxprune.passbase import FxPass, PassResult
 
 from ._decompose_util import (
     DecomposeError,
     InlineError,
     WorldSet,
+    copy_for_rewrite,
     inline_call,
     refresh_meta,
     replace_node,
+    require_shapes,
 )
 
 __all__ = ["DecomposeMultiheadAttention", "DecomposeMhaOptions"]
@@ -152,10 +156,14 @@ class DecomposeMultiheadAttention(FxPass):
     name = "decompose-mha"
     Options = DecomposeMhaOptions
 
+    def requires(self, gm: torch.fx.GraphModule) -> None:
+        super().requires(gm)
+        require_shapes(self.name, gm)
+
     def run(self, gm: torch.fx.GraphModule) -> PassResult:
         if not _sites(gm):
             return PassResult(gm, modified=False, changes=[], info={"refused": []})
-        gm = copy_graph_module(gm)
+        gm = copy_for_rewrite(gm)
         changes: list[str] = []
         refused: list[dict[str, str]] = []
         worlds: WorldSet | None = None
@@ -222,7 +230,8 @@ class DecomposeMultiheadAttention(FxPass):
         target = node.target
         self_attention = call["query"] is call["key"] is call["value"]
         packed = mha._qkv_same_embed_dim
-        need_weights = call["need_weights"]
+        # weights nobody reads (need_weights defaults to True) are not computed: SDPA
+        need_weights = call["need_weights"] and _weights_used(node)
         modules: dict[str, nn.Module] = {}
         drop_name = None
         if mha.dropout > 0:
@@ -281,6 +290,19 @@ class DecomposeMultiheadAttention(FxPass):
             f"need_weights={need_weights}) -> {proj} + {attn} + out_proj "
             f"({len(result.nodes)} nodes, dynamic sizes: {result.world_kind})")
         return None
+
+
+def _weights_used(node: Node) -> bool:
+    """Whether anything reads element 1 (the attention weights) of the call's result."""
+    for user in node.users:
+        if user.op == "call_function" and user.target is operator.getitem \
+                and user.args[1] == 0:
+            continue
+        if user.op == "call_function" and user.target is operator.getitem \
+                and user.args[1] == 1 and not user.users:
+            continue
+        return True
+    return False
 
 
 def _sites(gm: torch.fx.GraphModule) -> list[Node]:

@@ -51,16 +51,18 @@ import torch
 import torch.fx
 from torch.fx.node import Node
 
-from fxprune.passbase import FxPass, PassResult, copy_graph_module
+from fxprune.passbase import FxPass, PassResult
 
 from ._decompose_util import (
     DecomposeError,
     InlineError,
     WorldSet,
+    copy_for_rewrite,
     inline_call,
     normalize_linear_biases,
     refresh_meta,
     replace_node,
+    require_shapes,
 )
 
 __all__ = ["DecomposeWindowAttention", "DecomposeWindowAttentionOptions", "wrapped_functions"]
@@ -104,13 +106,17 @@ class DecomposeWindowAttention(FxPass):
     name = "decompose-window-attention"
     Options = DecomposeWindowAttentionOptions
 
+    def requires(self, gm: torch.fx.GraphModule) -> None:
+        super().requires(gm)
+        require_shapes(self.name, gm)
+
     def run(self, gm: torch.fx.GraphModule) -> PassResult:
         table = wrapped_functions(self.options.helpers)
         for fn in self.options.extra_functions:
             table.setdefault(fn, getattr(fn, "__name__", repr(fn)))
         if not any(n.op == "call_function" and _in(n.target, table) for n in gm.graph.nodes):
             return PassResult(gm, modified=False, changes=[], info={"refused": []})
-        gm = copy_graph_module(gm)
+        gm = copy_for_rewrite(gm)
         sites = [n for n in gm.graph.nodes if n.op == "call_function" and _in(n.target, table)]
         changes: list[str] = []
         refused: list[dict[str, str]] = []

@@ -1,0 +1,111 @@
+"""Channel importance criteria for one-shot pruning. Every criterion returns, per prunable
+group, a keep-score array shaped like the group's layout ``(heads, size)``: higher = keep.
+
+* ``l1``: sum of |w| over every parameter entry tied to the channel (rows of the producing
+  Linear, columns of the consuming one, biases, norms' scales...).
+* ``similarity``: AMAP eq. 1-3 on the weights. In each head, the channel's feature vector is
+  the concatenation of its tied parameter entries; ``w_i = 1 + max_{n != i} |cos(i, n)|`` and the
+  keep-score is ``l1 / w_i``: a channel with a near-duplicate in its head is a better
+  candidate for removal (AMAP section 3.1).
+* ``random``: uniform noise from ``seed`` (a baseline).
+
+Example:
+    >>> import torch, fxprune
+    >>> from fxprune.models.reference import tiny_vit
+    >>> gm = fxprune.trace(tiny_vit(), torch.randn(1, 3, 32, 32)); a = fxprune.analyze(gm)
+    >>> scores = channel_scores(gm, a, "l1")
+    >>> {a.groups[g].kind: tuple(s.shape) for g, s in scores.items()}["qk"]
+    (3, 16)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import InputError
+from .propagate import _fetch_attr
+
+CRITERIA = ("similarity", "l1", "random")
+
+
+def _features(gm, analysis, groups) -> dict[int, list[np.ndarray]]:
+    """Per group: list of (positions, features) blocks, one per tied parameter comp."""
+    comps = analysis.components
+    pos_of: dict[int, tuple[int, np.ndarray]] = {}
+    for g in groups:
+        flat = g.layout.ravel()
+        lookup = np.full(int(comps.channel.max()) + 1, -1, dtype=np.int64)
+        lookup[flat] = np.arange(flat.size)
+        pos_of[g.index] = lookup
+    blocks: dict[int, list] = {g.index: [] for g in groups}
+    for name, pcomps in analysis.param_comps.items():
+        tensor = _fetch_attr(gm, name)
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            continue
+        w = tensor.detach().float().cpu().numpy()
+        for c in pcomps:
+            if not c.span:
+                continue
+            ch = comps.channel_of(c.lab)
+            gids = np.unique(analysis.group_of_channel[ch.ravel()])
+            for gi in gids.tolist():
+                if gi not in blocks:
+                    continue
+                span = list(c.span)
+                rest = [d for d in range(w.ndim) if d not in span]
+                moved = np.transpose(w, span + rest).reshape(
+                    int(np.prod([w.shape[d] for d in span])), -1)
+                pos = pos_of[gi][ch.reshape(-1)] if ch.size == moved.shape[0] else None
+                if pos is None:
+                    continue
+                blocks[gi].append((pos, moved))
+    return blocks
+
+
+def channel_scores(gm, analysis, criterion: str, seed: int = 0,
+                   groups=None) -> dict[int, np.ndarray]:
+    """Keep-scores ``{group index: (heads, size) array}`` for every prunable group."""
+    if criterion not in CRITERIA:
+        raise InputError("fxprune.prune", f"unknown criterion {criterion!r}",
+                         hint=f"use one of {', '.join(CRITERIA)}")
+    groups = [g for g in analysis.groups if g.prunable] if groups is None else groups
+    if criterion == "random":
+        rng = np.random.default_rng(seed)
+        return {g.index: rng.random(g.layout.shape) for g in groups}
+    blocks = _features(gm, analysis, groups)
+    out = {}
+    for g in groups:
+        n = g.layout.size
+        l1 = np.zeros(n)
+        for pos, feat in blocks[g.index]:
+            ok = pos >= 0
+            np.add.at(l1, pos[ok], np.abs(feat[ok]).sum(axis=1))
+        score = l1
+        if criterion == "similarity":
+            score = l1 / _similarity_weight(g, blocks[g.index])
+        out[g.index] = score.reshape(g.layout.shape)
+    return out
+
+
+def _similarity_weight(g, blocks) -> np.ndarray:
+    """AMAP eq. 1-2: w_i = 1 + max over the other channels n of its head of |cos(i, n)|."""
+    n = g.layout.size
+    width = sum(feat.shape[1] for _, feat in blocks)
+    if not width:
+        return np.ones(n)
+    f = np.zeros((n, width), dtype=np.float32)
+    col = 0
+    for pos, feat in blocks:
+        ok = pos >= 0
+        f[pos[ok], col:col + feat.shape[1]] = feat[ok]
+        col += feat.shape[1]
+    f /= np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    heads, size = g.layout.shape
+    weight = np.ones((heads, size))
+    for h in range(heads):
+        fh = f[h * size:(h + 1) * size]
+        sim = np.abs(fh @ fh.T)
+        np.fill_diagonal(sim, 0.0)
+        weight[h] += sim.max(axis=1)
+    return weight.reshape(-1)

@@ -1,0 +1,241 @@
+"""``fxprune.prune``: one-shot structured pruning to a MACs target, no training.
+
+Pipeline: trace -> prepare (decompose opaque attention, split fused q/k/v) -> analyze ->
+score channels (criterion) -> allocate kept counts per group -> synchronise ranks per head ->
+slice. Allocation is greedy over steps of ``align`` channels per head: each step removes the
+lowest-ranked channels (scores averaged across heads rank by rank, AMAP's synchronisation) of
+the group where they cost the least importance per MAC saved. A group's MACs are affine in its
+kept count, so the per-channel saving of each group is measured once on the graph.
+
+Example:
+    >>> import torch, fxprune
+    >>> from fxprune.models.reference import tiny_vit
+    >>> model, x = tiny_vit(), torch.randn(1, 3, 32, 32)
+    >>> pruned = fxprune.prune(model, x, macs_ratio=0.7, criterion="l1", align=4)
+    >>> abs(pruned.meta["fxprune.macs_ratio"] - 0.7) <= 0.02
+    True
+"""
+
+from __future__ import annotations
+
+import heapq
+import warnings
+
+import numpy as np
+import torch
+import torch.fx
+
+from .analysis import analyze
+from .criteria import CRITERIA, channel_scores
+from .errors import InputError, PlanError
+from .macs import count_macs, node_macs
+from .slicing import new_shape
+from .tracing import trace
+
+WHERE = "fxprune.prune"
+
+
+def _validate(macs_ratio, criterion, align) -> None:
+    if isinstance(macs_ratio, bool) or not isinstance(macs_ratio, (int, float)) or not (
+            0.0 < float(macs_ratio) <= 1.0):
+        raise InputError(WHERE, f"macs_ratio must be in (0, 1], got {macs_ratio!r}",
+                         hint="e.g. macs_ratio=0.7 keeps 70% of the dense model's MACs")
+    if criterion not in CRITERIA:
+        raise InputError(WHERE, f"unknown criterion {criterion!r}",
+                         hint=f"use one of {', '.join(CRITERIA)}")
+    if not isinstance(align, int) or align < 1:
+        raise InputError(WHERE, f"align must be a positive int, got {align!r}",
+                         hint="align=8 keeps widths multiples of 8 (fast GPU kernels)")
+
+
+def _steps(size: int, align: int) -> list[int]:
+    """Allowed kept counts per head, largest first."""
+    if size <= align:
+        return [size]
+    ks = [size] + [k for k in range((size // align) * align, 0, -align) if k < size]
+    return ks
+
+
+class _CostModel:
+    """MACs saved when every head of a group keeps one channel fewer."""
+
+    def __init__(self, gm, analysis):
+        self.gm = gm
+        self.analysis = analysis
+        comps = analysis.components
+        self.lab_keep = np.ones(comps.n_labels, dtype=bool)
+        order = np.argsort(comps.channel, kind="stable")
+        self.order = order
+        self.bounds = np.searchsorted(comps.channel[order],
+                                      np.arange(int(comps.channel.max()) + 2))
+
+    def labels_of(self, channels: np.ndarray) -> np.ndarray:
+        parts = [self.order[self.bounds[c]:self.bounds[c + 1]] for c in channels.tolist()]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    def per_channel(self, group, removed_per_head: int) -> float:
+        removed = group.layout[:, :removed_per_head].ravel()
+        labels = self.labels_of(np.unique(removed))
+        self.lab_keep[labels] = False
+        try:
+            nodes = {n for n, _ in group.members}
+            affected = set(nodes)
+            for n in nodes:
+                affected.update(n.users)
+
+            def shape_of(node):
+                shape = new_shape(node, self.lab_keep) if node in nodes else None
+                return shape if shape is not None else node.meta["fxprune.shape"]
+
+            saved = 0
+            for node in affected:
+                if node.op in ("placeholder", "output", "get_attr"):
+                    continue
+                try:
+                    saved += node_macs(node, self.gm) - node_macs(node, self.gm, shape_of)
+                except Exception:  # noqa: BLE001 - a node macs cannot price costs nothing
+                    continue
+        finally:
+            self.lab_keep[labels] = True
+        return saved / removed_per_head
+
+
+def allocate(gm, analysis, scores: dict[int, np.ndarray], target_macs: float,
+             dense_macs: float, align: int) -> dict[int, int]:
+    """Kept count per head for every scored group so that MACs land at or below target."""
+    cost_model = _CostModel(gm, analysis)
+    state = {}
+    heap = []
+    for gi, score in scores.items():
+        g = analysis.groups[gi]
+        steps = _steps(g.layout.shape[1], align)
+        if len(steps) < 2:
+            continue
+        cost = cost_model.per_channel(g, max(1, steps[0] - steps[1]))
+        if cost <= 0:
+            continue
+        ranked = np.sort(score, axis=1)[:, ::-1].mean(axis=0)  # rank-wise average over heads
+        ranked = ranked / max(float(ranked.mean()), 1e-12)
+        state[gi] = {"steps": steps, "i": 0, "ranked": ranked, "cost": cost}
+        heapq.heappush(heap, (_priority(state[gi]), gi))
+    macs = float(dense_macs)
+    while macs > target_macs and heap:
+        _, gi = heapq.heappop(heap)
+        st = state[gi]
+        k_now, k_next = st["steps"][st["i"]], st["steps"][st["i"] + 1]
+        macs -= st["cost"] * (k_now - k_next)
+        st["i"] += 1
+        if st["i"] + 1 < len(st["steps"]):
+            heapq.heappush(heap, (_priority(st), gi))
+    return {gi: st["steps"][st["i"]] for gi, st in state.items()}
+
+
+def _priority(st) -> float:
+    """Mean normalised score of the ranks a step removes: the globally least important ranks
+    go first, whatever the group (MACs only decide when to stop)."""
+    k_now, k_next = st["steps"][st["i"]], st["steps"][st["i"] + 1]
+    return float(st["ranked"][k_next:k_now].mean())
+
+
+def keep_masks(analysis, scores, kept: dict[int, int]) -> dict[int, np.ndarray]:
+    """Binary keep masks from scores and kept counts (synchronised per head)."""
+    from .passes.sync_head_ranks import sync_scores
+
+    masks = {}
+    for gi, k in kept.items():
+        g = analysis.groups[gi]
+        if k >= g.layout.shape[1]:
+            continue
+        mode = "same-index" if g.shared_across_heads else "rank"
+        masks[gi] = sync_scores(torch.as_tensor(scores[gi]), keep=k, mode=mode,
+                                threshold=None).numpy()
+    return masks
+
+
+def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "similarity",
+          align: int = 8, seed: int = 0, prepare: bool = True) -> torch.fx.GraphModule:
+    """One-shot structured pruning of ``model`` to ``macs_ratio`` of its MACs.
+
+    Returns a smaller ``torch.fx.GraphModule``; ``pruned.meta["fxprune.plan"]`` maps every
+    sliced parameter of the ORIGINAL model to ``{dim: kept indices}``, and
+    ``pruned.meta["fxprune.macs_ratio"]`` is the ratio reached. Frozen groups stay dense. When
+    the unfrozen groups cannot reach the target, a warning says what was reached.
+
+    Example:
+        >>> import torch, fxprune
+        >>> m = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(),
+        ...                         torch.nn.Linear(64, 16))
+        >>> p = fxprune.prune(m, torch.randn(4, 16), macs_ratio=0.5, criterion="l1")
+        >>> p.meta["fxprune.plan"]["0.weight"][0].numel(), p.meta["fxprune.macs_ratio"]
+        (32, 0.5)
+    """
+    from .passes.slice import Slice
+
+    _validate(macs_ratio, criterion, align)
+    gm = trace(model, example_inputs)
+    # fx shares submodules with the model it traced: own them before slicing in place
+    gm = _own_copy(gm)
+    if prepare:
+        from .pipeline import prepare as run_prepare
+
+        gm, _ = run_prepare(gm)
+    analysis = analyze(gm)
+    dense = count_macs(gm)
+    prunable = [g for g in analysis.groups if g.prunable]
+    if not prunable:
+        reasons = sorted({g.frozen for g in analysis.groups if g.frozen})
+        raise PlanError(WHERE, "the analysis found no prunable channel group"
+                        + (f" (frozen: {'; '.join(reasons[:3])})" if reasons else ""),
+                        hint="print(fxprune.analyze(fxprune.trace(model, x))) shows why")
+    scores = channel_scores(gm, analysis, criterion, seed=seed, groups=prunable)
+    target = float(macs_ratio) * dense
+    kept = allocate(gm, analysis, scores, target, dense, align)
+    masks = keep_masks(analysis, scores, kept)
+    result = Slice(keep=masks, inplace=True)(gm) if masks else None
+    pruned = result.graph_module if result is not None else _dense_copy(gm)
+    reached = count_macs(pruned) / dense
+    pruned.meta["fxprune.macs_ratio"] = round(reached, 4)
+    pruned.meta["fxprune.dense_macs"] = dense
+    pruned.meta["fxprune.criterion"] = criterion
+    pruned.meta["fxprune.summary"] = _summary(analysis, masks)
+    if reached > float(macs_ratio) + 0.02:
+        warnings.warn(f"fxprune.prune: reached macs_ratio {reached:.3f}, above the target "
+                      f"{macs_ratio} (the unfrozen groups cannot go lower at align={align}); "
+                      "frozen groups stay dense", stacklevel=2)
+    return pruned
+
+
+def _own_copy(gm):
+    import copy
+
+    memo = {}
+    return copy.deepcopy(gm, memo)
+
+
+def _dense_copy(gm):
+    import copy
+
+    out = copy.deepcopy(gm)
+    out.meta.pop("fxprune.analysis", None)
+    out.meta["fxprune.plan"] = {}
+    return out
+
+
+def _summary(analysis, masks) -> list[dict]:
+    """Per attention site and MLP: widths before and after (for reports)."""
+    rows = []
+    for s in analysis.attention:
+        row = {"site": s.index, "kind": s.kind, "heads": s.num_heads,
+               "qk_dim": s.qk_head_dim, "v_dim": s.v_head_dim,
+               "qk_dim_after": s.qk_head_dim, "v_dim_after": s.v_head_dim}
+        if s.qk_group in masks:
+            row["qk_dim_after"] = int(masks[s.qk_group][0].sum())
+        if s.v_group in masks:
+            row["v_dim_after"] = int(masks[s.v_group][0].sum())
+        rows.append(row)
+    for g in analysis.groups:
+        if g.kind == "mlp":
+            rows.append({"group": g.index, "kind": "mlp", "width": g.width,
+                         "width_after": int(masks[g.index].sum()) if g.index in masks
+                         else g.width, "frozen": g.frozen})
+    return rows

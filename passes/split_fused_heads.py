@@ -1,0 +1,179 @@
+"""``split-fused-heads``: give each part of a fused projection its own reshape.
+
+timm, torchvision and most ViTs compute q, k and v with one Linear and separate them with
+``reshape(B, N, 3, H, D) -> permute -> unbind``. That reshape forces q, k and v to keep the
+same head dim; AMAP and ToaSt prune Q/K and V with separate masks. This pass rewrites the
+pattern into one slice of the Linear output per part, each reshaped and permuted on its own,
+which computes the same values and lets every part keep its own width.
+
+Graph before and after::
+
+    qkv -> reshape(B,N,3,H,D) -> permute(2,0,3,1,4) -> unbind(0) -> q, k, v
+    qkv -> qkv[..., 0:C]  -> reshape(B,N,H,D) -> permute(0,2,1,3) -> q   (same for k, v)
+
+Refused (left unchanged, reported in ``info["refused"]``): a part dim that is not the leading
+factor of the last input dim, users other than permute/transpose/contiguous before the parts
+are taken, or a ``-1`` on the part dim.
+
+Example:
+    >>> import torch, fxprune
+    >>> from fxprune.models.reference import tiny_vit
+    >>> gm = fxprune.trace(tiny_vit(), torch.randn(1, 3, 32, 32))
+    >>> SplitFusedHeads()(gm).info["rewritten"]
+    2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+import torch.fx
+
+from fxprune.layout import reshape_groups
+from fxprune.oprules import op_name
+from fxprune.passbase import FxPass, PassResult, copy_graph_module
+from fxprune.tracing import propagate_shapes
+
+VIEW_OPS = {"view", "reshape", "_unsafe_view"}
+CHAIN_OPS = {"permute", "transpose", "contiguous"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitFusedHeadsOptions:
+    max_parts: int = 4
+    inplace: bool = False
+
+
+def _shape(node):
+    val = node.meta.get("val")
+    return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _perm_of(node, nd):
+    name = op_name(node, None)
+    if name == "contiguous":
+        return list(range(nd))
+    if name == "permute":
+        dims = node.args[1:]
+        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+            dims = dims[0]
+        return [int(d) % nd for d in dims]
+    d0, d1 = int(node.args[1]) % nd, int(node.args[2]) % nd
+    perm = list(range(nd))
+    perm[d0], perm[d1] = perm[d1], perm[d0]
+    return perm
+
+
+class SplitFusedHeads(FxPass):
+    name = "split-fused-heads"
+    Options = SplitFusedHeadsOptions
+
+    def run(self, gm: torch.fx.GraphModule) -> PassResult:
+        out = gm if self.options.inplace else copy_graph_module(gm)
+        changes, refused = [], []
+        for node in list(out.graph.nodes):
+            if node.op not in ("call_method", "call_function") or op_name(node, out) not in \
+                    VIEW_OPS:
+                continue
+            reason = self._try(out, node, changes)
+            if reason not in (None, "no match"):
+                refused.append((node.name, reason))
+        if changes:
+            out.graph.eliminate_dead_code()
+            out.recompile()
+            shapes = out.meta.get("fxprune.input_shapes")
+            if shapes:
+                propagate_shapes(out, [torch.zeros(s) for s in shapes], where=self.name)
+        return PassResult(out, bool(changes), changes,
+                          {"rewritten": len(changes), "refused": refused})
+
+    def _try(self, gm, view, changes) -> str | None:
+        src = view.args[0]
+        in_shape, out_shape = _shape(src), _shape(view)
+        if not in_shape or not out_shape or not isinstance(src, torch.fx.Node):
+            return "no match"
+        try:
+            groups = reshape_groups(in_shape, out_shape)
+        except ValueError:
+            return "no match"
+        last_in = len(in_shape) - 1
+        grp = next((g for g in groups if g[0] == [last_in]), None)
+        if grp is None or len(grp[1]) < 3:
+            return "no match"
+        part_dim = grp[1][0]
+        parts = out_shape[part_dim]
+        if not 2 <= parts <= self.options.max_parts:
+            return "no match"
+        # follow permute/transpose/contiguous to where the parts are taken apart
+        chain, cur, p = [], view, part_dim
+        while True:
+            users = list(cur.users)
+            if len(users) != 1:
+                break
+            user = users[0]
+            name = op_name(user, gm)
+            if name in CHAIN_OPS and user.args[0] is cur:
+                perm = _perm_of(user, len(out_shape))
+                chain.append((user, perm))
+                p = perm.index(p)
+                cur = user
+                continue
+            break
+        takers = self._takers(gm, cur, p, parts)
+        if takers is None:
+            return "no match"
+        args = list(view.args[1:])
+        if len(args) == 1 and isinstance(args[0], (list, tuple)):
+            args = list(args[0])
+        if len(args) != len(out_shape) or (isinstance(args[part_dim], int) and
+                                           args[part_dim] == -1):
+            return "the part dim is given as -1 or the shape is not spelled per dim"
+        width = in_shape[-1] // parts
+        new_args = [a for d, a in enumerate(args) if d != part_dim]
+        for i in range(parts):
+            with gm.graph.inserting_before(takers[i] if takers[i].op != "output" else cur):
+                x = gm.graph.call_function(
+                    operator.getitem, (src, (Ellipsis, slice(i * width, (i + 1) * width))))
+                x = gm.graph.call_method("reshape", (x, *new_args))
+                pd = part_dim
+                for node, perm in chain:
+                    new_perm = [d - (d > pd) for d in perm if d != pd]
+                    pd = perm.index(pd)
+                    x = gm.graph.call_method("permute", (x, *new_perm))
+            takers[i].replace_all_uses_with(x)
+        for t in takers:
+            gm.graph.erase_node(t)
+        changes.append(f"{view.name}: {parts} parts of {src.name} reshaped separately")
+        return None
+
+    @staticmethod
+    def _takers(gm, cur, p, parts):
+        """One node per part whose value is that part (getitem of unbind, or cur[i])."""
+        users = list(cur.users)
+        if len(users) == 1 and op_name(users[0], gm) == "unbind":
+            unbind = users[0]
+            dim = unbind.args[1] if len(unbind.args) > 1 else unbind.kwargs.get("dim", 0)
+            if dim % len(_shape(cur)) != p:
+                return None
+            got = {}
+            for u in unbind.users:
+                if op_name(u, gm) != "getitem" or not isinstance(u.args[1], int):
+                    return None
+                got.setdefault(u.args[1], []).append(u)
+            if any(len(v) != 1 for v in got.values()):
+                return None
+            takers = [got[i][0] if i in got else None for i in range(parts)]
+            if None in takers:
+                return None
+            return takers
+        got = {}
+        for u in users:
+            if op_name(u, gm) != "getitem" or p != 0 or not isinstance(u.args[1], int):
+                return None
+            got.setdefault(u.args[1], []).append(u)
+        if sorted(got) != list(range(parts)) or any(len(v) != 1 for v in got.values()):
+            return None
+        return [got[i][0] for i in range(parts)]
+
