@@ -225,9 +225,11 @@ def _build_sites(gm, prop: Propagator, comps: Components, groups, group_of_chann
     if shapes:
         input_batch = shapes[0][0] if shapes[0] else None
     sites = []
-    param_labels = [c.lab.ravel() for cs in prop.param_comps.values() for c in cs]
-    param_channels = (np.unique(comps.channel_of(np.concatenate(param_labels)))
-                      if param_labels else None)
+    n_ch = int(comps.channel.max()) + 1 if comps.n_labels else 0
+    param_channels = np.zeros(n_ch, dtype=bool)
+    for cs in prop.param_comps.values():
+        for c in cs:
+            param_channels[comps.channel[c.lab.ravel()]] = True
     for raw in prop.sites:
         q_layout = _layout(raw.q_comp.lab, raw.q_comp.span, comps)
         qk_group = _group_at(q_layout, group_of_channel)
@@ -251,8 +253,8 @@ def _build_sites(gm, prop: Propagator, comps: Components, groups, group_of_chann
             qs = raw.q.meta["val"].shape if isinstance(raw.q, torch.fx.Node) else None
             if qs is not None and len(qs) > 0 and int(qs[0]) != input_batch:
                 kind = "window"  # windows folded into the batch dim
-        if kind == "softmax" and raw.head_labels.size and param_channels is not None:
-            if np.isin(comps.channel_of(raw.head_labels.ravel()), param_channels).any():
+        if kind == "softmax" and raw.head_labels.size:
+            if param_channels[comps.channel_of(raw.head_labels.ravel())].any():
                 kind = "window"  # scores get a learned per-head (relative position) bias
         site = AttentionSite(len(sites), kind, int(num_heads), int(q_layout.shape[1]),
                              int(v_layout.shape[1]) if v_layout is not None else 0,

@@ -127,8 +127,18 @@ def _load(args) -> tuple[torch.nn.Module, Any]:
     return load_model(args.model, input_size=args.input_size)
 
 
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars
+        return obj.tolist()
+    if isinstance(obj, torch.fx.Node):
+        return obj.name
+    return str(obj)
+
+
 def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=False))
+    print(json.dumps(obj, indent=2, default=_json_default))
 
 
 # -- analyze ------------------------------------------------------------------------------
@@ -244,7 +254,13 @@ def _save(pruned: torch.nn.Module, x: Any, out: str) -> None:
                                "(torch.save), and report this as an fxprune bug") from exc
         torch.export.save(ep, str(path))
     else:
-        torch.save(pruned, str(path))
+        try:
+            torch.save(pruned, str(path))
+        except Exception as exc:
+            raise FxPruneError(f"{PROG} prune", f"torch.save of the pruned GraphModule failed: "
+                               f"{type(exc).__name__}: {_first_line(exc)}",
+                               hint="save an ExportedProgram instead with --out pruned.pt2, "
+                               "and report this as an fxprune bug") from exc
 
 
 def cmd_prune(args) -> int:

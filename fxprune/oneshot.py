@@ -18,8 +18,10 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,12 +50,42 @@ def _validate(macs_ratio, criterion, align) -> None:
                          hint="align=8 keeps widths multiples of 8 (fast GPU kernels)")
 
 
-def _steps(size: int, align: int) -> list[int]:
-    """Allowed kept counts per head, largest first."""
-    if size <= align:
-        return [size]
-    ks = [size] + [k for k in range((size // align) * align, 0, -align) if k < size]
+def _steps(units: int, per_unit: int, align: int) -> list[int]:
+    """Allowed kept unit counts, largest first: every head keeps ``k * per_unit`` positions,
+    which must be a multiple of ``align`` (or everything)."""
+    ks = [units] + [k for k in range(units - 1, 0, -1) if (k * per_unit) % align == 0]
     return ks
+
+
+@dataclasses.dataclass
+class _Units:
+    """A group seen as independent units: normally one unit per (head, channel); where
+    positions share a channel (rotary pairs, a parameter shared by all heads) one unit per
+    distinct channel, so counts and costs are not counted twice."""
+
+    channels: np.ndarray   # (heads_eff, units) channel ids
+    scores: np.ndarray     # (heads_eff, units)
+    per_unit: int          # positions per unit in each head
+
+
+def _units(group, score: np.ndarray) -> _Units:
+    layout = group.layout
+    if group.shared_across_heads:
+        uniq, inverse = np.unique(layout, return_inverse=True)
+        sums = np.bincount(inverse.ravel(), weights=score.ravel(), minlength=len(uniq))
+        counts = np.bincount(inverse.ravel(), minlength=len(uniq))
+        per_unit = layout.size // (len(uniq) * layout.shape[0]) or 1
+        return _Units(uniq.reshape(1, -1), (sums / counts).reshape(1, -1), per_unit)
+    rows_c, rows_s = [], []
+    for h in range(layout.shape[0]):
+        uniq, inverse = np.unique(layout[h], return_inverse=True)
+        sums = np.bincount(inverse, weights=score[h], minlength=len(uniq))
+        rows_c.append(uniq)
+        rows_s.append(sums / np.bincount(inverse, minlength=len(uniq)))
+    width = {len(r) for r in rows_c}
+    if len(width) != 1:
+        raise PlanError(WHERE, f"group {group.index} has heads with different channel counts")
+    return _Units(np.stack(rows_c), np.stack(rows_s), layout.shape[1] // width.pop())
 
 
 class _CostModel:
@@ -73,8 +105,8 @@ class _CostModel:
         parts = [self.order[self.bounds[c]:self.bounds[c + 1]] for c in channels.tolist()]
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
-    def per_channel(self, group, removed_per_head: int) -> float:
-        removed = group.layout[:, :removed_per_head].ravel()
+    def per_unit(self, group, units: _Units, removed_per_head: int) -> float:
+        removed = units.channels[:, :removed_per_head].ravel()
         labels = self.labels_of(np.unique(removed))
         self.lab_keep[labels] = False
         try:
@@ -108,13 +140,15 @@ def allocate(gm, analysis, scores: dict[int, np.ndarray], target_macs: float,
     heap = []
     for gi, score in scores.items():
         g = analysis.groups[gi]
-        steps = _steps(g.layout.shape[1], align)
+        units = _units(g, score)
+        steps = _steps(units.channels.shape[1], units.per_unit, align)
         if len(steps) < 2:
             continue
-        cost = cost_model.per_channel(g, max(1, steps[0] - steps[1]))
+        cost = cost_model.per_unit(g, units, max(1, steps[0] - steps[1]))
         if cost <= 0:
             continue
-        ranked = np.sort(score, axis=1)[:, ::-1].mean(axis=0)  # rank-wise average over heads
+        # rank-wise average over heads (AMAP's synchronisation)
+        ranked = np.sort(units.scores, axis=1)[:, ::-1].mean(axis=0)
         ranked = ranked / max(float(ranked.mean()), 1e-12)
         state[gi] = {"steps": steps, "i": 0, "ranked": ranked, "cost": cost}
         heapq.heappush(heap, (_priority(state[gi]), gi))
@@ -127,7 +161,7 @@ def allocate(gm, analysis, scores: dict[int, np.ndarray], target_macs: float,
         st["i"] += 1
         if st["i"] + 1 < len(st["steps"]):
             heapq.heappush(heap, (_priority(st), gi))
-    return {gi: st["steps"][st["i"]] for gi, st in state.items()}
+    return {gi: st["steps"][st["i"]] for gi, st in state.items()}  # kept units per head
 
 
 def _priority(st) -> float:
@@ -138,39 +172,44 @@ def _priority(st) -> float:
 
 
 def keep_masks(analysis, scores, kept: dict[int, int]) -> dict[int, np.ndarray]:
-    """Binary keep masks from scores and kept counts (synchronised per head)."""
-    from .passes.sync_head_ranks import sync_scores
-
+    """Binary keep masks (heads, size) from scores and kept unit counts: every head keeps its
+    own top units (the same ones in every head where channels are shared across heads)."""
     masks = {}
     for gi, k in kept.items():
         g = analysis.groups[gi]
-        if k >= g.layout.shape[1]:
+        units = _units(g, scores[gi])
+        if k >= units.channels.shape[1]:
             continue
-        mode = "same-index" if g.shared_across_heads else "rank"
-        masks[gi] = sync_scores(torch.as_tensor(scores[gi]), keep=k, mode=mode,
-                                threshold=None).numpy()
+        top = np.argsort(-units.scores, axis=1, kind="stable")[:, :k]
+        kept_channels = np.take_along_axis(units.channels, top, axis=1).ravel()
+        masks[gi] = np.isin(g.layout, kept_channels)
     return masks
 
 
-def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "similarity",
-          align: int = 8, seed: int = 0, prepare: bool = True) -> torch.fx.GraphModule:
-    """One-shot structured pruning of ``model`` to ``macs_ratio`` of its MACs.
+@dataclasses.dataclass
+class PrunePlan:
+    """Everything ``prune`` decides before slicing: the prepared graph, its analysis, the
+    keep-scores, the kept count per head and the binary keep masks per group."""
 
-    Returns a smaller ``torch.fx.GraphModule``; ``pruned.meta["fxprune.plan"]`` maps every
-    sliced parameter of the ORIGINAL model to ``{dim: kept indices}``, and
-    ``pruned.meta["fxprune.macs_ratio"]`` is the ratio reached. Frozen groups stay dense. When
-    the unfrozen groups cannot reach the target, a warning says what was reached.
+    graph_module: torch.fx.GraphModule
+    analysis: Any
+    scores: dict[int, np.ndarray]
+    kept: dict[int, int]
+    masks: dict[int, np.ndarray]
+    dense_macs: int
+
+
+def plan(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "similarity",
+         align: int = 8, seed: int = 0, prepare: bool = True) -> PrunePlan:
+    """Decide what to prune without slicing (see :func:`prune` for the arguments).
 
     Example:
-        >>> import torch, fxprune
-        >>> m = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(),
-        ...                         torch.nn.Linear(64, 16))
-        >>> p = fxprune.prune(m, torch.randn(4, 16), macs_ratio=0.5, criterion="l1")
-        >>> p.meta["fxprune.plan"]["0.weight"][0].numel(), p.meta["fxprune.macs_ratio"]
-        (32, 0.5)
+        >>> import torch
+        >>> from fxprune.models.reference import tiny_vit
+        >>> p = plan(tiny_vit(), torch.randn(1, 3, 32, 32), macs_ratio=0.6, align=4)
+        >>> sorted({p.analysis.groups[g].kind for g in p.masks})
+        ['mlp', 'qk', 'v']
     """
-    from .passes.slice import Slice
-
     _validate(macs_ratio, criterion, align)
     gm = trace(model, example_inputs)
     # fx shares submodules with the model it traced: own them before slicing in place
@@ -188,9 +227,35 @@ def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simi
                         + (f" (frozen: {'; '.join(reasons[:3])})" if reasons else ""),
                         hint="print(fxprune.analyze(fxprune.trace(model, x))) shows why")
     scores = channel_scores(gm, analysis, criterion, seed=seed, groups=prunable)
-    target = float(macs_ratio) * dense
-    kept = allocate(gm, analysis, scores, target, dense, align)
+    kept = allocate(gm, analysis, scores, float(macs_ratio) * dense, dense, align)
     masks = keep_masks(analysis, scores, kept)
+    return PrunePlan(gm, analysis, scores, kept, masks, dense)
+
+
+def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "similarity",
+          align: int = 8, seed: int = 0, prepare: bool = True) -> torch.fx.GraphModule:
+    """One-shot structured pruning of ``model`` to ``macs_ratio`` of its MACs.
+
+    ``criterion`` is ``"similarity"`` (AMAP eq. 1-3 with weight magnitude), ``"l1"`` or
+    ``"random"``; ``align`` rounds every kept count per head (and MLP width) to a multiple.
+    Returns a smaller ``torch.fx.GraphModule``; ``pruned.meta["fxprune.plan"]`` maps every
+    sliced parameter of the ORIGINAL model to ``{dim: kept indices}``, and
+    ``pruned.meta["fxprune.macs_ratio"]`` is the ratio reached. Frozen groups stay dense. When
+    the unfrozen groups cannot reach the target, a warning says what was reached.
+
+    Example:
+        >>> import torch, fxprune
+        >>> m = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(),
+        ...                         torch.nn.Linear(64, 16))
+        >>> p = fxprune.prune(m, torch.randn(4, 16), macs_ratio=0.5, criterion="l1")
+        >>> p.meta["fxprune.plan"]["0.weight"][0].numel(), p.meta["fxprune.macs_ratio"]
+        (32, 0.5)
+    """
+    from .passes.slice import Slice
+
+    decided = plan(model, example_inputs, macs_ratio, criterion, align, seed, prepare)
+    gm, analysis, masks, dense = (decided.graph_module, decided.analysis, decided.masks,
+                                  decided.dense_macs)
     result = Slice(keep=masks, inplace=True)(gm) if masks else None
     pruned = result.graph_module if result is not None else _dense_copy(gm)
     reached = count_macs(pruned) / dense
@@ -206,10 +271,9 @@ def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simi
 
 
 def _own_copy(gm):
-    import copy
+    from .passbase import copy_graph_module
 
-    memo = {}
-    return copy.deepcopy(gm, memo)
+    return copy_graph_module(gm)
 
 
 def _dense_copy(gm):

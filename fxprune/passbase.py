@@ -114,7 +114,16 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Deep copy of a GraphModule including its node.meta and gm.meta (passes work on copies)."""
     import copy
 
-    new = copy.deepcopy(gm)
+    # the analysis holds nodes of this graph: deep-copying it would walk the whole node list
+    # recursively. Passes look nodes up by name, so the copy shares the (read-only) analysis.
+    analysis = gm.meta.pop("fxprune.analysis", None)
+    try:
+        new = copy.deepcopy(gm)
+    finally:
+        if analysis is not None:
+            gm.meta["fxprune.analysis"] = analysis
+    if analysis is not None:
+        new.meta["fxprune.analysis"] = analysis
     return new
 
 

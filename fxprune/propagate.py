@@ -408,6 +408,8 @@ def _iter_comps(value):
 
 def _comps_meta(value):
     if isinstance(value, TV):
+        if value._comps is None:  # an unused parameter view: do not build its labels
+            return []
         return [(c.lab, c.span) for c in value.comps]
     if isinstance(value, (list, tuple)):
         return [_comps_meta(v) for v in value]

@@ -234,6 +234,11 @@ def trace(model: Any, example_inputs: Any) -> torch.fx.GraphModule:
         raise InputError(WHERE, f"expected an nn.Module, GraphModule or ExportedProgram, got "
                          f"{type(model).__name__}",
                          hint="pass the model object itself (e.g. timm.create_model(...))")
+    for node in gm.graph.nodes:
+        if isinstance(node.type, str):
+            # string annotations (``from __future__ import annotations``) break pickling
+            node.type = None
+    gm.recompile()
     propagate_shapes(gm, inputs)
     gm.meta["fxprune.traced_from"] = source
     gm.meta["fxprune.input_shapes"] = [tuple(t.shape) for t in inputs]

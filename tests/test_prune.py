@@ -1,0 +1,192 @@
+"""fxprune.prune on every supported architecture: exact against the zeroed original, gated ==
+sliced, MACs on target, frozen groups untouched; and the bad inputs it must refuse."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from exactness import gated_and_sliced, outputs, rel_err, zeroed_original
+from zoo import ZOO
+
+import fxprune
+from fxprune.errors import InputError, PlanError
+from fxprune.oneshot import plan as make_plan
+from fxprune.slicing import label_keep
+
+
+def _timm(name, **kw):
+    timm = pytest.importorskip("timm")
+    return timm.create_model(name, pretrained=False, **kw).eval()
+
+
+def _torchvision_vit():
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(image_size=64, patch_size=16, num_layers=2, num_heads=4,
+                             hidden_dim=64, mlp_dim=128).eval()
+
+
+def _torchvision_swin():
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4],
+                           window_size=[4, 4]).eval()
+
+
+REAL = {
+    "timm_vit_tiny": (lambda: _timm("vit_tiny_patch16_224", img_size=64), (1, 3, 64, 64)),
+    "timm_deit_small": (lambda: _timm("deit_small_patch16_224", img_size=64), (1, 3, 64, 64)),
+    "timm_deit3_small": (lambda: _timm("deit3_small_patch16_224", img_size=64), (1, 3, 64, 64)),
+    "timm_swin_tiny": (lambda: _timm("swin_tiny_patch4_window7_224"), (1, 3, 224, 224)),
+    "torchvision_vit": (_torchvision_vit, (2, 3, 64, 64)),
+    "torchvision_swin": (_torchvision_swin, (2, 3, 64, 64)),
+}
+
+
+def _check_all(model, x, macs_ratio=0.7, align=1, criterion="similarity"):
+    torch.manual_seed(0)
+    decided = make_plan(model, x, macs_ratio=macs_ratio, criterion=criterion, align=align)
+    assert decided.masks, "nothing was pruned"
+    pruned = fxprune.prune(model, x, macs_ratio=macs_ratio, criterion=criterion, align=align)
+    reference = outputs(zeroed_original(model, pruned.meta["fxprune.plan"]), x)
+    assert rel_err(outputs(pruned, x), reference) < 1e-4
+    gated, sliced = gated_and_sliced(decided.graph_module, decided.masks)
+    assert rel_err(outputs(sliced, x), outputs(gated, x)) < 1e-4
+    # MACs on target
+    assert pruned.meta["fxprune.macs_ratio"] <= macs_ratio + 0.02
+    assert pruned.meta["fxprune.macs_ratio"] >= macs_ratio - 0.05
+    # frozen groups untouched: every label of a frozen group is kept
+    a = decided.analysis
+    keep = label_keep(a, decided.masks)
+    frozen_channels = np.concatenate([g.layout.ravel() for g in a.groups
+                                      if g.frozen is not None] or [np.zeros(0, np.int64)])
+    frozen_labels = np.isin(a.components.channel, frozen_channels)
+    assert keep[frozen_labels].all()
+    return decided, pruned
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_prune_exact(name):
+    model, x, truth = ZOO[name]()
+    if truth.get("frozen_qk") and not truth["sites"]:
+        pytest.skip("no prunable attention")
+    decided, pruned = _check_all(model, x, macs_ratio=0.7, align=1)
+    if truth.get("frozen_qk"):
+        for s in decided.analysis.attention:
+            assert s.qk_group is None or s.qk_group not in decided.masks
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_prune_exact(name):
+    factory, shape = REAL[name]
+    model = factory()
+    x = torch.randn(*shape)
+    _check_all(model, x, macs_ratio=0.7, align=8)
+
+
+def test_huggingface_vit_through_export():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=128, image_size=32, patch_size=8,
+                                    num_labels=10)
+    model = transformers.ViTForImageClassification(config).eval()
+    x = torch.randn(1, 3, 32, 32)
+    exported = torch.export.export(model, (x,))
+    pruned = fxprune.prune(exported, x, macs_ratio=0.7, align=8)
+    reference = outputs(zeroed_original(model, pruned.meta["fxprune.plan"]), x)
+    assert rel_err(outputs(pruned, x), reference) < 1e-4
+    assert pruned.meta["fxprune.macs_ratio"] <= 0.72
+
+
+def test_prune_keeps_qk_and_v_dims_separate_and_sdpa_scale():
+    from fxprune.models.reference import tiny_vit
+
+    model, x = tiny_vit(embed_dim=96, num_heads=3), torch.randn(2, 3, 32, 32)
+    decided = make_plan(model, x, macs_ratio=0.6, align=8)
+    pruned = fxprune.prune(model, x, macs_ratio=0.6, align=8)
+    sdpa = [n for n in pruned.graph.nodes if "scaled_dot_product" in str(n.target)]
+    assert sdpa and all(n.kwargs.get("scale") == pytest.approx(32 ** -0.5) for n in sdpa
+                        if n.args[0].meta["val"].shape[-1] != 32)
+    summary = [r for r in pruned.meta["fxprune.summary"] if "site" in r]
+    assert all(r["qk_dim_after"] % 8 == 0 and r["v_dim_after"] % 8 == 0 for r in summary)
+    assert decided.kept
+
+
+def test_pruned_model_lints_saves_and_exports(tmp_path):
+    from fxprune.models.reference import tiny_vit
+
+    model, x = tiny_vit(), torch.randn(2, 3, 32, 32)
+    pruned = fxprune.prune(model, x, macs_ratio=0.6, align=4)
+    pruned.graph.lint()
+    path = tmp_path / "pruned.pt"
+    torch.save(pruned, path)
+    loaded = torch.load(path, weights_only=False)
+    assert torch.allclose(outputs(loaded, x), outputs(pruned, x))
+    exported = torch.export.export(pruned, (x,))
+    torch.export.save(exported, tmp_path / "pruned.pt2")
+    reloaded = torch.export.load(tmp_path / "pruned.pt2").module()
+    assert torch.allclose(outputs(reloaded, x), outputs(pruned, x), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_deit_small_compile_and_export():
+    model = _timm("deit_small_patch16_224")
+    x = torch.randn(2, 3, 224, 224)
+    pruned = fxprune.prune(model, x, macs_ratio=0.7)
+    compiled = torch.compile(pruned)
+    assert rel_err(outputs(compiled, x), outputs(pruned, x)) < 1e-4
+    exported = torch.export.export(pruned, (x,)).module()
+    assert rel_err(outputs(exported, x), outputs(pruned, x)) < 1e-5
+
+
+def test_model_is_not_modified():
+    from fxprune.models.reference import tiny_vit
+
+    model, x = tiny_vit(), torch.randn(1, 3, 32, 32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fxprune.prune(model, x, macs_ratio=0.5, align=4)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5, "0.7", True])
+def test_bad_macs_ratio(ratio):
+    from fxprune.models.reference import tiny_vit
+
+    with pytest.raises(InputError, match="macs_ratio"):
+        fxprune.prune(tiny_vit(), torch.randn(1, 3, 32, 32), macs_ratio=ratio)
+
+
+def test_unknown_criterion():
+    from fxprune.models.reference import tiny_vit
+
+    with pytest.raises(InputError, match="criterion"):
+        fxprune.prune(tiny_vit(), torch.randn(1, 3, 32, 32), criterion="magic")
+
+
+def test_nothing_to_prune():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    with pytest.raises(PlanError, match="no prunable"):
+        fxprune.prune(model, torch.randn(2, 8))
+
+
+def test_unreachable_target_warns_with_what_was_reached():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8),
+                                torch.nn.Linear(8, 64))  # last layer reaches the output: dense
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruned = fxprune.prune(model, torch.randn(2, 8), macs_ratio=0.2, align=1)
+    assert any("reached macs_ratio" in str(w.message) for w in caught)
+    assert pruned.meta["fxprune.macs_ratio"] > 0.22
+
+
+def test_macs_ratio_one_prunes_nothing():
+    from fxprune.models.reference import tiny_vit
+
+    model, x = tiny_vit(), torch.randn(1, 3, 32, 32)
+    pruned = fxprune.prune(model, x, macs_ratio=1.0)
+    assert pruned.meta["fxprune.plan"] == {}
+    assert torch.allclose(outputs(pruned, x), outputs(model, x))
