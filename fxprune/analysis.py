@@ -365,7 +365,7 @@ def _add_members(gm, groups, comps: Components, group_of_channel) -> None:
             lab, span = entry
             if not span:
                 continue
-            gs = np.unique(group_of_channel[comps.channel_of(lab.ravel()[:: max(1, lab.size // 64)])])
+            gs = np.unique(group_of_channel[comps.channel_of(lab.ravel())])
             for gi in gs[gs >= 0].tolist():
                 for d in span:
                     if (node, d) not in groups[gi].members:

@@ -67,7 +67,8 @@ class FxPass:
     # -- contract -----------------------------------------------------------------------
     def requires(self, gm: torch.fx.GraphModule) -> None:
         if not isinstance(gm, torch.fx.GraphModule):
-            raise PassOrderError(self.name, f"expected a torch.fx.GraphModule, got {type(gm).__name__}",
+            raise PassOrderError(self.name, "expected a torch.fx.GraphModule, got "
+                                 f"{type(gm).__name__}",
                                  hint="call fxprune.trace(model, example_inputs) first")
 
     def run(self, gm: torch.fx.GraphModule) -> PassResult:  # pragma: no cover - abstract

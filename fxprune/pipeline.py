@@ -16,14 +16,16 @@ import torch.fx
 
 
 def default_passes() -> list:
-    """The preparation passes, in order (instances of :class:`fxprune.passbase.FxPass`)."""
+    """The preparation passes, in order (instances of :class:`fxprune.passbase.FxPass`).
+    split-fused-heads rewrites the graph in place: it changes no parameter, and the graph of a
+    freshly traced module belongs to the caller."""
     from fxprune.passes.decompose_functional_linear import DecomposeFunctionalLinear
     from fxprune.passes.decompose_mha import DecomposeMultiheadAttention
     from fxprune.passes.decompose_window_attention import DecomposeWindowAttention
     from fxprune.passes.split_fused_heads import SplitFusedHeads
 
     return [DecomposeMultiheadAttention(), DecomposeWindowAttention(),
-            DecomposeFunctionalLinear(), SplitFusedHeads()]
+            DecomposeFunctionalLinear(), SplitFusedHeads(inplace=True)]
 
 
 def prepare(gm: torch.fx.GraphModule, passes: list | None = None

@@ -46,3 +46,37 @@ def analysis_table(analysis) -> str:
         out += ["", "opaque ops (their channels stay dense):"]
         out += [f"  {n}: {w}" for n, w in analysis.opaque]
     return "\n".join(out)
+
+
+def prune_table(pruned) -> str:
+    """Per-layer table of a pruned GraphModule (from ``pruned.meta["fxprune.summary"]``):
+    kept heads, q/k and v head dims, MLP widths, and MACs before/after.
+
+    Example:
+        >>> import torch, fxprune
+        >>> from fxprune.models.reference import tiny_vit
+        >>> p = fxprune.prune(tiny_vit(), torch.randn(1, 3, 32, 32), macs_ratio=0.6, align=4)
+        >>> "qk dim" in prune_table(p)
+        True
+    """
+    summary = pruned.meta.get("fxprune.summary", [])
+    sites = [r for r in summary if "site" in r]
+    mlps = [r for r in summary if r.get("kind") == "mlp"]
+    rows = []
+    for i, r in enumerate(sites):
+        mlp = mlps[i] if i < len(mlps) and len(mlps) == len(sites) else None
+        rows.append([r["site"], r["kind"], f"{r['heads']}/{r['heads']}",
+                     f"{r['qk_dim']} -> {r['qk_dim_after']}",
+                     f"{r['v_dim']} -> {r['v_dim_after']}",
+                     f"{mlp['width']} -> {mlp['width_after']}" if mlp else "-"])
+    out = [format_table(["site", "kind", "kept heads", "qk dim", "v dim", "MLP width"], rows)]
+    if mlps and len(mlps) != len(sites):
+        out.append(format_table(["group", "MLP width"], [[m["group"], f"{m['width']} -> "
+                                                          f"{m['width_after']}"]
+                                                         for m in mlps]))
+    dense = pruned.meta.get("fxprune.dense_macs")
+    ratio = pruned.meta.get("fxprune.macs_ratio")
+    if dense is not None and ratio is not None:
+        out.append(f"MACs: {dense / 1e9:.3f} G -> {dense * ratio / 1e9:.3f} G "
+                   f"(ratio {ratio:.3f}, criterion {pruned.meta.get('fxprune.criterion')})")
+    return "\n".join(out)

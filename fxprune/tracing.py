@@ -185,8 +185,9 @@ class _RealShapeProp(torch.fx.Interpreter):
             node = self.current
             shapes = ", ".join(str(tuple(t.shape)) for t in example_inputs
                                if isinstance(t, torch.Tensor))
+            first = str(exc).splitlines()[0] if str(exc) else ""
             raise InputError(where, f"running the model on example inputs of shape {shapes} "
-                             f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                             f"failed: {type(exc).__name__}: {first}",
                              node=node, hint="check the example inputs' shape and dtype against "
                              "what the model expects (e.g. (1, 3, 224, 224) for an ImageNet ViT)"
                              ) from exc

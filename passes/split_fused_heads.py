@@ -138,7 +138,7 @@ class SplitFusedHeads(FxPass):
                     operator.getitem, (src, (Ellipsis, slice(i * width, (i + 1) * width))))
                 x = gm.graph.call_method("reshape", (x, *new_args))
                 pd = part_dim
-                for node, perm in chain:
+                for _link, perm in chain:
                     new_perm = [d - (d > pd) for d in perm if d != pd]
                     pd = perm.index(pd)
                     x = gm.graph.call_method("permute", (x, *new_perm))

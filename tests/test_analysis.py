@@ -26,11 +26,11 @@ import pytest
 import torch
 import torch.fx
 from torch import nn
-from zoo import ZOO
 
 import fxprune
 from fxprune.analysis import Analysis, analyze
 from fxprune.errors import InputError, TraceError
+from zoo import ZOO
 
 # --------------------------------------------------------------------------------------------
 # Known failures (strict: a fix turns them into XPASS, which fails the run until the mark goes).

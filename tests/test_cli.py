@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from fxprune.models.reference import tiny_vit
 
 import fxprune
 from fxprune.cli import main
 from fxprune.errors import InputError
+from fxprune.models.reference import tiny_vit
 from fxprune.models_registry import load_model, parse_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -157,10 +157,13 @@ def test_analyze_timm_deit_small_json(capsys):
 
 
 def test_python_dash_m_fxprune():
-    proc = subprocess.run([sys.executable, "-m", "fxprune", "analyze", "fxprune:tiny_vit",
-                           "--json"], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["sites"] == 2
+    """``python -m fxprune`` reaches the CLI and its exit status (a bad spec: no tracing, so
+    the subprocess stays cheap; the success path is covered in-process above)."""
+    proc = subprocess.run([sys.executable, "-m", "fxprune", "analyze", "nope:vit"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("fxprune: error: [fxprune.load_model] unknown model spec")
+    assert "Traceback" not in proc.stderr
 
 
 def test_prune_argument_checks(capsys):
@@ -185,13 +188,10 @@ def test_prune_json_and_export_save(tmp_path, capsys):
     assert fxprune.count_macs(ep, x) == d["macs_pruned"]
     rc, out, err = run_cli(capsys, "prune", "fxprune:tiny_vit", "--criterion", "l1")
     assert rc == 0, err
-    assert "MACs:" in out
+    assert out.startswith("model: fxprune:tiny_vit") and "MACs:" in out
 
 
 @pytest.mark.skipif(not HAS_PRUNE, reason="fxprune.prune not written yet")
-@pytest.mark.xfail(strict=False, reason="torch.save of a GraphModule traced from a module "
-                   "with string annotations (from __future__ import annotations, as in "
-                   "models/reference.py) fails in torch.fx pickling: node.type 'torch.Tensor'")
 def test_prune_torch_save_and_reload(tmp_path, capsys):
     pt = tmp_path / "pruned.pt"
     rc, out, err = run_cli(capsys, "prune", "fxprune:tiny_vit", "--out", str(pt))

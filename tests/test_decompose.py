@@ -14,14 +14,14 @@ import pytest
 import torch
 import torch.fx
 import torch.nn.functional as F
-from fxprune.passes._decompose_util import DecomposeError
-from fxprune.passes.decompose_functional_linear import LINEAR_META, DecomposeFunctionalLinear
-from fxprune.passes.decompose_mha import DecomposeMultiheadAttention
-from fxprune.passes.decompose_window_attention import DecomposeWindowAttention
 from torch import nn
 
 import fxprune
 from fxprune.errors import FxPruneError, PassOrderError
+from fxprune.passes._decompose_util import DecomposeError
+from fxprune.passes.decompose_functional_linear import LINEAR_META, DecomposeFunctionalLinear
+from fxprune.passes.decompose_mha import DecomposeMultiheadAttention
+from fxprune.passes.decompose_window_attention import DecomposeWindowAttention
 
 torchvision = pytest.importorskip("torchvision")
 from torchvision.models import swin_transformer as tv_swin  # noqa: E402

@@ -8,13 +8,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from exactness import gated_and_sliced, outputs, rel_err, zeroed_original
-from zoo import ZOO
 
 import fxprune
+from exactness import gated_and_sliced, outputs, rel_err, zeroed_original
 from fxprune.errors import InputError, PlanError
 from fxprune.oneshot import plan as make_plan
 from fxprune.slicing import label_keep
+from zoo import ZOO
 
 
 def _timm(name, **kw):

@@ -4,6 +4,7 @@ shapes and structure their truth claims."""
 import pytest
 import torch
 import torch.fx
+
 from fxprune.models.reference import digits_vit, tiny_vit
 from zoo import ZOO
 
