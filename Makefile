@@ -41,7 +41,8 @@ lint: setup
 	$(PY) -m ruff check .
 
 bench: setup
-	$(PY) -m pytest benchmarks -q --benchmark-only
+	$(PY) benchmarks/bench_pipeline.py
+	$(PY) benchmarks/bench_speed.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

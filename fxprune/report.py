@@ -19,6 +19,14 @@ def format_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def format_macs(macs: float) -> str:
+    """``4.6e9 -> '4.600 G'``, with M and K for small models."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if macs >= scale:
+            return f"{macs / scale:.3f} {unit}"
+    return f"{macs:.0f}"
+
+
 def analysis_table(analysis) -> str:
     rows = []
     for s in analysis.attention:
@@ -77,6 +85,6 @@ def prune_table(pruned) -> str:
     dense = pruned.meta.get("fxprune.dense_macs")
     ratio = pruned.meta.get("fxprune.macs_ratio")
     if dense is not None and ratio is not None:
-        out.append(f"MACs: {dense / 1e9:.3f} G -> {dense * ratio / 1e9:.3f} G "
+        out.append(f"MACs: {format_macs(dense)} -> {format_macs(dense * ratio)} "
                    f"(ratio {ratio:.3f}, criterion {pruned.meta.get('fxprune.criterion')})")
     return "\n".join(out)
