@@ -104,25 +104,42 @@ def _validate(analysis, keep, name) -> None:
                             f"group has {g.layout.size}")
         mask = mask.reshape(g.layout.shape)
         counts = mask.sum(axis=1)
-        if counts.min() == 0:
+        if counts.min() == 0 and not _whole_heads_removed(analysis, keep, g):
             raise PlanError(name, f"group {group} ({g.kind}) would keep no channel in head "
                             f"{int(np.argmin(counts))}", hint="keep at least one channel per "
-                            "head (whole heads are removed by sync-head-ranks mode "
-                            "'whole-head' on qk and v together)")
+                            "head, or remove the same whole heads from the site's qk and v "
+                            "groups together")
+        counts = counts[counts > 0]
         if len(set(counts.tolist())) > 1:
             raise PlanError(name, f"group {group} ({g.kind}) keeps different counts per head "
                             f"{counts.tolist()}", hint="run sync-head-ranks first")
 
 
+def _whole_heads_removed(analysis, keep, g) -> bool:
+    """A head may lose all its channels only together: the q/k and v groups of its attention
+    site drop exactly the same heads (then the whole head, bias entries included, goes)."""
+    if g.site is None or g.kind not in ("qk", "v"):
+        return False
+    site = analysis.attention[g.site]
+    dropped = []
+    for gi in (site.qk_group, site.v_group):
+        if gi is None or gi not in keep:
+            return False
+        m = np.asarray(keep[gi], dtype=bool).reshape(analysis.groups[gi].layout.shape)
+        dropped.append(tuple(np.nonzero(~m.any(axis=1))[0].tolist()))
+    return dropped[0] == dropped[1] and len(dropped[0]) < site.num_heads
+
+
 def _remove_gates(gm: torch.fx.GraphModule) -> list[str]:
     changes = []
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and str(node.target).startswith("fxprune_gate_"):
+        if node.op == "call_module" and str(node.target).startswith(
+                ("fxprune_gate_", "fxprune_indgate_")):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             changes.append(f"removed gate {node.target}")
-    for name in list(gm.meta.get(GATES_KEY, {}).values()):
-        for n in name:
-            if hasattr(gm, n):
-                delattr(gm, n)
+    for name, _ in list(gm.named_children()):
+        if name.startswith(("fxprune_gate_", "fxprune_indgate_", "fxprune_indicator_")):
+            delattr(gm, name)
+    gm.meta.pop("fxprune.indicators", None)
     return changes

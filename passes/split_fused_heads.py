@@ -11,9 +11,9 @@ Graph before and after::
     qkv -> reshape(B,N,3,H,D) -> permute(2,0,3,1,4) -> unbind(0) -> q, k, v
     qkv -> qkv[..., 0:C]  -> reshape(B,N,H,D) -> permute(0,2,1,3) -> q   (same for k, v)
 
-Refused (left unchanged, reported in ``info["refused"]``): a part dim that is not the leading
-factor of the last input dim, users other than permute/transpose/contiguous before the parts
-are taken, or a ``-1`` on the part dim.
+Left unchanged: a part dim that is not the leading factor of the last input dim (e.g. a
+head-major ``(B, N, H, 3, D)`` layout) or users other than permute/transpose/contiguous before
+the parts are taken (no match); a ``-1`` on the part dim is reported in ``info["refused"]``.
 
 Example:
     >>> import torch, fxprune
@@ -81,6 +81,7 @@ class SplitFusedHeads(FxPass):
             if reason not in (None, "no match"):
                 refused.append((node.name, reason))
         if changes:
+            out.meta.pop("fxprune.analysis", None)  # it describes the old graph
             out.graph.eliminate_dead_code()
             out.recompile()
             shapes = out.meta.get("fxprune.input_shapes")

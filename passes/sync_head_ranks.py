@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 import torch.fx
 
@@ -50,15 +51,15 @@ def sync_scores(scores: torch.Tensor, *, threshold: float | None = 0.5, keep: in
     if mode == "same-index":
         per_index = scores.mean(dim=0)
         k = keep if keep is not None else int((per_index >= threshold).sum())
-        k = _aligned(k, size, align)
         _check(k, size, min_keep, "channels per head")
+        k = _aligned(k, size, align)
         mask = torch.zeros(size, dtype=torch.bool)
         mask[per_index.topk(k).indices] = True
         return mask.expand(heads, size).clone()
     ranked = scores.sort(dim=1, descending=True).values.mean(dim=0)
     k = keep if keep is not None else int((ranked >= threshold).sum())
-    k = _aligned(k, size, align)
     _check(k, size, min_keep, "channels per head")
+    k = _aligned(k, size, align)
     mask = torch.zeros_like(scores, dtype=torch.bool)
     mask.scatter_(1, scores.topk(k, dim=1).indices, True)
     return mask
@@ -97,15 +98,26 @@ class SyncHeadRanks(FxPass):
                                  hint="run insert-gates (fxprune.passes.insert_gates) first")
 
     def run(self, gm: torch.fx.GraphModule) -> PassResult:
+        from fxprune.analysis import get_analysis
+        from fxprune.oneshot import _units
+
+        analysis = get_analysis(gm, self.name)
         changes = []
         for group, gate in gate_modules(gm).items():
-            analysis = gm.meta["fxprune.analysis"]
+            g = analysis.groups[group]
+            # rank units, not positions: positions that share a channel (rotary pairs, a
+            # parameter shared by all heads) must be kept or dropped together
+            units = _units(g, gate.values.detach().double().numpy())
             mode = self.options.mode
-            if mode == "rank" and analysis.groups[group].shared_across_heads:
+            if mode == "rank" and units.channels.shape[0] == 1 and g.layout.shape[0] > 1:
                 mode = "same-index"
-            mask = sync_scores(gate.values, threshold=self.options.threshold, mode=mode,
-                               align=self.options.align)
+            unit_mask = sync_scores(torch.as_tensor(units.scores), mode=mode,
+                                    threshold=self.options.threshold,
+                                    align=max(1, self.options.align // units.per_unit))
+            kept = units.channels[unit_mask.numpy()]
+            mask = torch.from_numpy(np.isin(g.layout, kept))
             gate.set_mask(mask)
-            changes.append(f"group {group}: keep {int(mask[0].sum())} of {mask.shape[1]} per "
-                           f"head x {mask.shape[0]} heads ({mode})")
+            changes.append(f"group {group}: keep {int(mask.sum(dim=1).max())} of {mask.shape[1]}"
+                           f" per head in {int(mask.any(dim=1).sum())} of {mask.shape[0]} "
+                           f"heads ({mode})")
         return PassResult(gm, True, changes)

@@ -1,0 +1,520 @@
+"""Inference throughput of fxprune-pruned ViTs against their dense originals (and, when
+installed, against Torch-Pruning at the same MACs), on a GPU.
+
+For each timm model (random weights, eval mode) this builds:
+
+* ``dense``: the timm model;
+* ``fxprune-R-aA``: ``fxprune.prune(model, x, macs_ratio=R, align=A)`` for every ``--ratios`` R
+  and ``--aligns`` A (pruned on CPU in fp32, then moved and cast);
+* ``tp-R-rA``: when ``torch_pruning`` is importable, the same model pruned by Torch-Pruning's
+  ``MetaPruner`` following its documented timm ViT example (``num_heads`` taken from every
+  attention module's ``qkv``, head dims pruned, no head removal, ``model.head`` ignored,
+  ``GroupMagnitudeImportance(p=2)``), with ``global_pruning=True`` and ``round_to=A``; its
+  ``pruning_ratio`` is searched so that ``fxprune.count_macs`` of the result matches R. After
+  pruning, ``num_heads``/``head_dim``/``attn_dim`` of timm attention modules are repaired by hand
+  as in that example. Swin's patch merging gets a custom Torch-Pruning pruner (its 4C input is
+  four copies of the C channels). A failure is recorded as its error string.
+
+Every variant is timed eager and (``--compile``) under ``torch.compile``, interleaved: each
+round runs every variant ``--iters`` times in a rotated order, timed with CUDA events after a
+synchronize; ``--warmup`` untimed calls first. Per variant: median seconds per batch over
+rounds, images/s, ``speedup`` = median over rounds of dense/variant time in the same round (same
+compile setting), ideal speedup ``1 / macs_ratio`` and realized / ideal.
+
+Usage (H100/H200, torch 2.11+ with timm, from a plain checkout)::
+
+    PYTHONPATH=. python benchmarks/bench_gpu.py --out benchmarks/results/gpu.json
+    PYTHONPATH=. python benchmarks/bench_gpu.py --device cpu --tiny --out /tmp/gpu_tiny.json
+
+``--tiny``: ``vit_tiny_patch16_224`` at 64 px, batch 4, fp32, no compile, 2 rounds (a smoke
+test that runs on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "gpu.json"
+DEFAULT_MODELS = ["deit_base_patch16_224", "swin_base_patch4_window7_224"]
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:
+        return None
+
+
+def _err(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) < 2000 else text[:2000] + " ..."
+
+
+def fxprune_widths(pruned) -> dict:
+    rows = pruned.meta.get("fxprune.summary", [])
+    sites = [r for r in rows if "site" in r]
+    return {"qk_head_dims": [r["qk_dim_after"] for r in sites],
+            "v_head_dims": [r["v_dim_after"] for r in sites],
+            "mlp_widths": [r["width_after"] for r in rows if r.get("kind") == "mlp"]}
+
+
+def module_widths(model) -> dict:
+    """Head dims and MLP widths of a timm model (used for Torch-Pruning results)."""
+    import torch
+
+    qk, mlp = [], []
+    for m in model.modules():
+        qkv = getattr(m, "qkv", None)
+        heads = getattr(m, "num_heads", None)
+        if qkv is not None and isinstance(heads, int) and hasattr(qkv, "out_features"):
+            qk.append(qkv.out_features // (3 * heads))
+        fc1 = getattr(m, "fc1", None)
+        if fc1 is not None and hasattr(fc1, "out_features"):
+            mlp.append(fc1.out_features)
+    embed = None
+    for m in model.modules():  # the patch embedding's output width: the residual stream
+        if isinstance(m, torch.nn.Conv2d):
+            embed = m.out_channels
+            break
+    return {"qk_head_dims": qk, "v_head_dims": qk, "mlp_widths": mlp, "embed_dim": embed}
+
+
+# -- Torch-Pruning (optional anchor) ----------------------------------------------------------
+
+def _attention_modules(model):
+    """Modules with a fused ``qkv`` Linear and an int ``num_heads`` (timm ViT and Swin)."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(getattr(m, "qkv", None), torch.nn.Linear) and \
+                isinstance(getattr(m, "num_heads", None), int):
+            yield m
+
+
+def _patch_merging_pruner(tp):
+    """Torch-Pruning pruner for timm's Swin ``PatchMerging``: its norm and reduction see the
+    C input channels four times (the 2x2 neighbours concatenated), in blocks of C."""
+    class PatchMergingPruner(tp.BasePruningFunc):
+        def prune_out_channels(self, layer, idxs):
+            tp.prune_linear_out_channels(layer.reduction, idxs)
+            if hasattr(layer, "out_dim"):
+                layer.out_dim = layer.reduction.out_features
+            return layer
+
+        def prune_in_channels(self, layer, idxs):
+            dim = layer.norm.normalized_shape[0] // 4
+            idxs = list(idxs)
+            rep = [i + k * dim for k in range(4) for i in idxs]
+            tp.prune_linear_in_channels(layer.reduction, rep)
+            tp.prune_layernorm_out_channels(layer.norm, rep)
+            layer.dim = dim - len(idxs)
+            return layer
+
+        def get_out_channels(self, layer):
+            return layer.reduction.out_features
+
+        def get_in_channels(self, layer):
+            return layer.norm.normalized_shape[0] // 4
+
+    return PatchMergingPruner()
+
+
+def tp_prune_once(tp, model, x, pruning_ratio: float, round_to: int | None):
+    import torch
+
+    model = copy.deepcopy(model)
+    num_heads = {m.qkv: m.num_heads for m in _attention_modules(model)}
+    customized, roots = {}, [torch.nn.Conv2d, torch.nn.Linear]
+    try:
+        from timm.models.swin_transformer import PatchMerging
+    except ImportError:
+        PatchMerging = None
+    if PatchMerging is not None and any(isinstance(m, PatchMerging) for m in model.modules()):
+        customized[PatchMerging] = _patch_merging_pruner(tp)
+        roots.append(PatchMerging)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MetaPruner(
+            model, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
+            global_pruning=True, pruning_ratio=pruning_ratio,
+            ignored_layers=[model.get_classifier()], num_heads=num_heads,
+            prune_num_heads=False, prune_head_dims=True,
+            round_to=round_to if round_to and round_to > 1 else None,
+            customized_pruners=customized or None, root_module_types=roots)
+        pruner.step()
+    # repair the attention modules by hand (Torch-Pruning only changes the Linears)
+    for m in _attention_modules(model):
+        m.num_heads = pruner.num_heads.get(m.qkv, m.num_heads)
+        head_dim = m.qkv.out_features // (3 * m.num_heads)
+        if hasattr(m, "head_dim"):
+            m.head_dim = head_dim
+        if hasattr(m, "attn_dim"):
+            m.attn_dim = head_dim * m.num_heads
+    return model
+
+
+def tp_prune_to_macs(tp, model, x, target: float, round_to: int, dense_macs: int,
+                     tol: float = 0.005, max_evals: int = 9):
+    """Search Torch-Pruning's global ``pruning_ratio`` so that the MACs ratio (fxprune's MACs
+    model) lands within ``tol`` of ``target`` (interpolation inside a bracket, else bisection).
+    Returns (model, info)."""
+    import fxprune
+
+    lo, f_lo = 0.0, 1.0
+    hi, f_hi = 0.95, None
+    best, evals = None, []
+    r = min(0.9, max(0.02, (1.0 - target) / 0.7))  # first guess: MACs fall ~0.7 per unit ratio
+    for _ in range(max_evals):
+        pruned = tp_prune_once(tp, model, x, r, round_to)
+        f = fxprune.count_macs(pruned, x) / dense_macs
+        evals.append({"pruning_ratio": round(r, 5), "macs_ratio": round(f, 5)})
+        if best is None or abs(f - target) < abs(best[1] - target):
+            best = (pruned, f, r)
+        if abs(f - target) <= tol:
+            break
+        if f > target:
+            lo, f_lo = r, f
+        else:
+            hi, f_hi = r, f
+        if f_hi is not None and f_lo > f_hi:  # interpolate inside the bracket
+            r_new = lo + (hi - lo) * (f_lo - target) / (f_lo - f_hi)
+            r = r_new if lo < r_new < hi and abs(r_new - r) > 1e-4 else (lo + hi) / 2
+        else:
+            r = min(hi, r * 1.5 + 0.05) if f_hi is None else (lo + hi) / 2
+    pruned, f, r = best
+    return pruned, {"pruning_ratio": r, "macs_ratio": f, "search": evals}
+
+
+# -- timing -----------------------------------------------------------------------------------
+
+class Timer:
+    def __init__(self, device):
+        import torch
+
+        self.cuda = device.type == "cuda"
+        self.torch = torch
+
+    def __call__(self, fn, x, iters: int) -> float:
+        torch = self.torch
+        if self.cuda:
+            torch.cuda.synchronize()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                fn(x)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / iters
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn(x)
+        return (time.perf_counter() - t0) / iters
+
+
+def measure(entries: list[dict], x, timer: Timer, rounds: int, iters: int, warmup: int) -> None:
+    """Interleaved timing of ``entries`` (each with a callable ``fn``); fills ``round_s``."""
+    import torch
+
+    with torch.inference_mode():
+        live = []
+        for e in entries:
+            try:
+                t0 = time.perf_counter()
+                for _ in range(max(1, warmup)):
+                    e["fn"](x)
+                if timer.cuda:
+                    torch.cuda.synchronize()
+                e["warmup_s"] = time.perf_counter() - t0
+                e["round_s"] = []
+                live.append(e)
+            except Exception as exc:  # e.g. a compile failure: record it, time the others
+                e["error"] = _err(exc)
+        n = len(live)
+        for r in range(rounds):
+            for i in range(n):
+                e = live[(r + i) % n]
+                e["round_s"].append(timer(e["fn"], x, iters))
+
+
+# -- main -------------------------------------------------------------------------------------
+
+def bench_model(name: str, args, device, dtype, tp) -> list[dict]:
+    import timm
+    import torch
+
+    import fxprune
+
+    torch.manual_seed(args.seed)
+    kwargs = {"img_size": args.img_size} if args.img_size else {}
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    size = args.img_size or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+    x1 = torch.randn(1, 3, size, size)
+    dense_macs = fxprune.count_macs(model, x1)
+    variants = [{"model": name, "variant": "dense", "method": "dense", "target": 1.0,
+                 "align": None, "macs_ratio": 1.0, "module": model,
+                 "widths": module_widths(model)}]
+    for ratio in args.ratios:
+        for align in args.aligns:
+            v = {"model": name, "variant": f"fxprune-{ratio:g}-a{align}", "method": "fxprune",
+                 "target": ratio, "align": align}
+            print(f"[{name}] fxprune.prune macs_ratio={ratio} align={align}", file=sys.stderr,
+                  flush=True)
+            try:
+                t0 = time.perf_counter()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    pruned = fxprune.prune(model, x1, macs_ratio=ratio,
+                                           criterion=args.criterion, align=align,
+                                           seed=args.seed)
+                v["prune_s"] = time.perf_counter() - t0
+                v["macs_ratio"] = float(pruned.meta["fxprune.macs_ratio"])
+                v["widths"] = fxprune_widths(pruned)
+                v["module"] = pruned
+            except Exception as exc:
+                v["error"] = _err(exc)
+            variants.append(v)
+    if tp is not None:
+        for ratio in args.ratios:
+            for align in args.aligns:
+                v = {"model": name, "variant": f"tp-{ratio:g}-r{align}", "method": "torch_pruning",
+                     "target": ratio, "align": align}
+                print(f"[{name}] Torch-Pruning to macs_ratio={ratio} round_to={align}",
+                      file=sys.stderr, flush=True)
+                try:
+                    t0 = time.perf_counter()
+                    pruned, info = tp_prune_to_macs(tp, model, x1, ratio, align, dense_macs,
+                                                    tol=args.tp_tol,
+                                                    max_evals=args.tp_max_evals)
+                    v["prune_s"] = time.perf_counter() - t0
+                    v["macs_ratio"] = info["macs_ratio"]
+                    v["torch_pruning"] = info
+                    v["widths"] = module_widths(pruned)
+                    v["module"] = pruned
+                except Exception as exc:
+                    v["error"] = _err(exc)
+                variants.append(v)
+    for v in variants:
+        if "module" in v:
+            v["params"] = sum(p.numel() for p in v["module"].parameters())
+            v["module"] = v["module"].to(device=device, dtype=dtype).eval()
+
+    x = torch.randn(args.batch, 3, size, size, device=device, dtype=dtype)
+    timer = Timer(device)
+    results = []
+    for compiled in args.compile_modes:
+        if compiled:
+            torch._dynamo.reset()
+        entries = []
+        for v in variants:
+            if "module" not in v:
+                continue
+            fn = v["module"]
+            if compiled:
+                fn = torch.compile(fn, mode=args.compile_mode)
+            entries.append({"v": v, "fn": fn})
+        print(f"[{name}] timing {len(entries)} variants, compile={compiled}", file=sys.stderr,
+              flush=True)
+        measure(entries, x, timer, args.rounds, args.iters, args.warmup)
+        dense = next((e for e in entries if e["v"]["variant"] == "dense"), None)
+        for e in entries:
+            v = e["v"]
+            row = {k: val for k, val in v.items() if k != "module"}
+            row["compile"] = compiled
+            if "error" in e:
+                row["error"] = e["error"]
+                results.append(row)
+                continue
+            med = statistics.median(e["round_s"])
+            row.update({"ms_per_batch": med * 1e3, "images_per_s": args.batch / med,
+                        "round_s": e["round_s"], "warmup_s": e["warmup_s"],
+                        "ideal_speedup": 1.0 / v["macs_ratio"]})
+            if dense is not None and "round_s" in dense and dense["round_s"]:
+                paired = [d / t for d, t in zip(dense["round_s"], e["round_s"])]
+                row["speedup"] = statistics.median(paired)
+                row["speedup_of_medians"] = statistics.median(dense["round_s"]) / med
+                row["efficiency"] = row["speedup"] / row["ideal_speedup"]
+            results.append(row)
+        del entries
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for v in variants:
+        if "module" not in v:  # pruning failed: keep the error in the results
+            results.append({k: val for k, val in v.items()})
+    return results
+
+
+def markdown(doc: dict) -> str:
+    cfg = doc["config"]
+    lines = [f"Device: {doc['environment']['device_name']}; batch {cfg['batch']}, "
+             f"{cfg['dtype']}, {cfg['img_size'] or 'default'} px, {cfg['rounds']} interleaved "
+             f"rounds x {cfg['iters']} iters, medians; torch {doc['environment']['torch']}.", "",
+             "| model | variant | compile | MACs ratio | ideal | img/s | speedup | realized/ideal "
+             "| head dims q/k (min-max) | MLP widths (min-max) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|---|"]
+
+    def rng(vals):
+        return f"{min(vals)}-{max(vals)}" if vals else "-"
+
+    for r in doc["results"]:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['variant']} | {r.get('compile', '-')} | - | - | - "
+                         f"| failed | - | {r['error'][:120]} | |")
+            continue
+        w = r.get("widths", {})
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {'yes' if r['compile'] else 'no'} "
+            f"| {r['macs_ratio']:.3f} | {r['ideal_speedup']:.2f}x | {r['images_per_s']:.1f} "
+            f"| {r.get('speedup', float('nan')):.2f}x | {r.get('efficiency', float('nan')):.0%} "
+            f"| {rng(w.get('qk_head_dims', []))} | {rng(w.get('mlp_widths', []))} |")
+    lines += ["", *[f"- {n}" for n in doc["notes"]]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    parser.add_argument("--tiny", action="store_true",
+                        help="smoke config: vit_tiny_patch16_224 at 64 px, batch 4, fp32, "
+                             "no compile, 2 rounds")
+    parser.add_argument("--models", nargs="+", default=None, metavar="NAME")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.7, 0.5])
+    parser.add_argument("--aligns", type=int, nargs="+", default=[8, 1])
+    parser.add_argument("--criterion", default="similarity")
+    parser.add_argument("--batch", type=int, default=None, help="default 256 (tiny: 4)")
+    parser.add_argument("--img-size", type=int, default=None, help="default: model's (tiny: 64)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="default bf16 (tiny: fp32)")
+    parser.add_argument("--compile", choices=["both", "on", "off"], default=None,
+                        help="eager and/or torch.compile (default both; tiny: off)")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode")
+    parser.add_argument("--rounds", type=int, default=None, help="default 10 (tiny: 2)")
+    parser.add_argument("--iters", type=int, default=None, help="default 10 (tiny: 1)")
+    parser.add_argument("--warmup", type=int, default=None, help="default 5 (tiny: 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-torch-pruning", action="store_true",
+                        help="skip the Torch-Pruning variants even when it is installed")
+    parser.add_argument("--tp-tol", type=float, default=None,
+                        help="Torch-Pruning MACs-ratio tolerance (default 0.005; tiny: 0.03)")
+    parser.add_argument("--tp-max-evals", type=int, default=None,
+                        help="Torch-Pruning prunings tried per target (default 9; tiny: 3)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSON result file")
+    args = parser.parse_args(argv)
+
+    tiny = args.tiny
+    args.models = args.models or (["vit_tiny_patch16_224"] if tiny else DEFAULT_MODELS)
+    args.batch = args.batch or (4 if tiny else 256)
+    args.img_size = args.img_size or (64 if tiny else None)
+    args.dtype = args.dtype or ("fp32" if tiny else "bf16")
+    args.compile = args.compile or ("off" if tiny else "both")
+    args.rounds = args.rounds or (2 if tiny else 10)
+    args.iters = args.iters or (1 if tiny else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if tiny else 5)
+    args.tp_tol = args.tp_tol if args.tp_tol is not None else (0.03 if tiny else 0.005)
+    args.tp_max_evals = args.tp_max_evals or (3 if tiny else 9)
+    args.compile_modes = {"both": [False, True], "on": [True], "off": [False]}[args.compile]
+
+    import torch
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_gpu: CUDA is not available; run on a GPU machine or pass --device cpu "
+              "(e.g. --device cpu --tiny)", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, DTYPES[args.dtype])
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = f"CPU {cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} "\
+                      "torch threads)"
+    for key in ("recompile_limit", "cache_size_limit"):  # many models share timm's forwards
+        if hasattr(torch._dynamo.config, key):
+            setattr(torch._dynamo.config, key, 64)
+    import timm
+
+    import fxprune  # noqa: F401
+
+    notes = [
+        "ideal = 1 / MACs ratio reached (fxprune.count_macs: matmul MACs; Torch-Pruning "
+        "variants measured with the same MACs model).",
+        "speedup = median over rounds of dense/variant time in the same round, same compile "
+        "setting.",
+        "Pruned on CPU in fp32, then moved to the device and cast; random weights.",
+    ]
+    tp = tp_version = None
+    if not args.no_torch_pruning:
+        try:
+            import torch_pruning as tp
+            tp_version = _dist_version("torch-pruning") or getattr(tp, "__version__", None)
+            notes.append(f"Torch-Pruning {tp_version}: MetaPruner, GroupMagnitudeImportance(p=2)"
+                         ", global_pruning=True, num_heads from each qkv, head dims pruned, "
+                         "round_to = align, pruning_ratio searched to the same MACs.")
+        except Exception as exc:
+            notes.append(f"Torch-Pruning skipped: not importable ({_err(exc)}).")
+
+    results = []
+    for name in args.models:
+        try:
+            results.extend(bench_model(name, args, device, dtype, tp))
+        except Exception as exc:  # a model that fails entirely is recorded, not fatal
+            results.append({"model": name, "variant": "all", "error": _err(exc)})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    doc = {
+        "benchmark": "gpu_throughput",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None
+                                                          else sys.argv[1:])),
+        "environment": {
+            "python": platform.python_version(), "torch": torch.__version__,
+            "timm": timm.__version__, "fxprune": _dist_version("fxprune"),
+            "torch_pruning": tp_version, "device": str(device), "device_name": device_name,
+            "cuda": torch.version.cuda, "host_cpu": cpu_name(), "cpu_count": os.cpu_count(),
+        },
+        "config": {"models": args.models, "ratios": args.ratios, "aligns": args.aligns,
+                   "criterion": args.criterion, "batch": args.batch, "img_size": args.img_size,
+                   "dtype": args.dtype, "compile": args.compile,
+                   "compile_mode": args.compile_mode, "rounds": args.rounds,
+                   "iters": args.iters, "warmup": args.warmup, "tiny": tiny,
+                   "tp_tol": args.tp_tol, "tp_max_evals": args.tp_max_evals},
+        "results": results,
+        "notes": notes,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    print(markdown(doc))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

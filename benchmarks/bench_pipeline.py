@@ -1,0 +1,251 @@
+"""Wall time of fxprune's pipeline on real-size timm ViTs (CPU, random weights).
+
+Two figures, each the median of ``--repeats`` (default 3) runs after one untimed warm-up run
+(so imports and first-call costs are excluded):
+
+* ``trace+analyze`` on ``--analyze-model`` (default ``vit_large_patch16_224``):
+  ``fxprune.analyze(fxprune.trace(model, x))``; target < 1 s on a 2-core CPU;
+* ``trace+analyze+prune`` on ``--prune-model`` (default ``vit_base_patch16_224``): the same
+  two calls followed by ``fxprune.prune(model, x, macs_ratio=0.7)`` (which runs its own trace,
+  preparation passes and analysis, then scores, allocates and slices); target < 3 s.
+
+Stage times are reported too (trace, analyze, the preparation passes, ``fxprune.oneshot.plan``
+and the whole of ``prune``) so a missed target points at its stage. When ``torch_pruning`` is
+importable, ``torch_pruning.DependencyGraph().build_dependency(model, example_inputs=x)`` on the
+ViT-L model is timed in the same run, the same way.
+
+Usage::
+
+    python benchmarks/bench_pipeline.py --out benchmarks/results/pipeline.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "pipeline.json"
+TARGETS = {"trace+analyze": 1.0, "trace+analyze+prune": 3.0}
+
+
+def timed(fn: Callable, repeats: int) -> dict:
+    """One untimed warm-up call, then ``repeats`` timed calls: median and all runs of the wall
+    time (s), and the median of this process's CPU time (user + system, all threads; on a
+    machine shared with other work it shows how much of the wall time was waiting)."""
+    fn()
+    runs, cpu = [], []
+    for _ in range(repeats):
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return {"median": statistics.median(runs), "runs": runs,
+            "cpu_median": statistics.median(cpu)}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:
+        return None
+
+
+def _model(name: str):
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    return model, torch.randn(1, *size)
+
+
+def bench_analyze(name: str, repeats: int, tp) -> dict:
+    import fxprune
+
+    model, x = _model(name)
+    row = {"model": name, "params": sum(p.numel() for p in model.parameters())}
+    row["trace+analyze_s"] = timed(lambda: fxprune.analyze(fxprune.trace(model, x)), repeats)
+    row["trace_s"] = timed(lambda: fxprune.trace(model, x), repeats)
+    gm = fxprune.trace(model, x)
+    row["graph_nodes"] = len(gm.graph.nodes)
+    row["analyze_s"] = timed(lambda: fxprune.analyze(gm), repeats)
+    analysis = fxprune.analyze(gm)
+    row["sites"] = len(analysis.attention)
+    row["groups"] = len(analysis.groups)
+    if tp is not None:
+        def build():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return tp.DependencyGraph().build_dependency(model, example_inputs=x)
+        try:
+            row["torch_pruning_build_dependency_s"] = timed(build, repeats)
+        except Exception as exc:  # record, do not hide, a failure of the anchor
+            row["torch_pruning_error"] = f"{type(exc).__name__}: {exc}"
+    return row
+
+
+def bench_prune(name: str, repeats: int, ratio: float, align: int) -> dict:
+    import fxprune
+    from fxprune.oneshot import plan
+    from fxprune.passbase import copy_graph_module
+    from fxprune.pipeline import prepare
+
+    model, x = _model(name)
+    row = {"model": name, "params": sum(p.numel() for p in model.parameters()),
+           "macs_ratio": ratio, "align": align}
+
+    def full():
+        gm = fxprune.trace(model, x)
+        fxprune.analyze(gm)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fxprune.prune(model, x, macs_ratio=ratio, align=align)
+
+    row["trace+analyze+prune_s"] = timed(full, repeats)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        row["prune_s"] = timed(lambda: fxprune.prune(model, x, macs_ratio=ratio, align=align),
+                               repeats)
+        row["plan_s"] = timed(lambda: plan(model, x, macs_ratio=ratio, align=align), repeats)
+    gm = fxprune.trace(model, x)
+    row["trace_s"] = timed(lambda: fxprune.trace(model, x), repeats)
+    row["analyze_s"] = timed(lambda: fxprune.analyze(gm), repeats)
+    # preparation passes on a fresh copy each time (the copy is timed separately)
+    row["copy_s"] = timed(lambda: copy_graph_module(gm), repeats)
+    row["copy+prepare_s"] = timed(lambda: prepare(copy_graph_module(gm)), repeats)
+    pruned = full()
+    row["macs_ratio_reached"] = pruned.meta["fxprune.macs_ratio"]
+    return row
+
+
+def markdown(doc: dict) -> str:
+    def med(d, key):
+        v = d.get(key)
+        return f"{v['median']:.3f}" if isinstance(v, dict) else "-"
+
+    a, p = doc["analyze"], doc["prune"]
+    env = doc["environment"]
+    lines = [f"CPU {env['cpu']} ({env['cpu_count']} cores), {env['threads']} torch threads, "
+             f"batch-1 example input; median of {doc['repeats']} runs after one warm-up.", "",
+             "| figure | model | median wall (s) | runs (s) | process CPU (s) | target (s) "
+             "| met |",
+             "|---|---|---:|---|---:|---:|---|"]
+    for key, row in (("trace+analyze", a), ("trace+analyze+prune", p)):
+        t = row[f"{key}_s"]
+        lines.append(f"| {key} | {row['model']} | {t['median']:.3f} "
+                     f"| {', '.join(f'{r:.2f}' for r in t['runs'])} | {t['cpu_median']:.3f} "
+                     f"| {TARGETS[key]:.1f} "
+                     f"| {'yes' if t['median'] < TARGETS[key] else 'NO'} |")
+    if "torch_pruning_build_dependency_s" in a:
+        t = a["torch_pruning_build_dependency_s"]
+        lines.append(f"| Torch-Pruning build_dependency | {a['model']} | {t['median']:.3f} "
+                     f"| {', '.join(f'{r:.2f}' for r in t['runs'])} | {t['cpu_median']:.3f} "
+                     "| - | - |")
+    elif "torch_pruning_error" in a:
+        lines.append(f"| Torch-Pruning build_dependency | {a['model']} | failed | "
+                     f"{a['torch_pruning_error']} | - | - | - |")
+    lines += ["", "Stages (median s):", "",
+              "| model | trace | analyze (traced graph) | copy+prepare | plan | prune |",
+              "|---|---:|---:|---:|---:|---:|",
+              f"| {a['model']} | {med(a, 'trace_s')} | {med(a, 'analyze_s')} | - | - | - |",
+              f"| {p['model']} | {med(p, 'trace_s')} | {med(p, 'analyze_s')} "
+              f"| {med(p, 'copy+prepare_s')} | {med(p, 'plan_s')} | {med(p, 'prune_s')} |"]
+    lines += ["", *[f"- {n}" for n in doc["notes"]]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--analyze-model", default="vit_large_patch16_224")
+    parser.add_argument("--prune-model", default="vit_base_patch16_224")
+    parser.add_argument("--ratio", type=float, default=0.7, help="macs_ratio for prune")
+    parser.add_argument("--align", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-torch-pruning", action="store_true")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSON result file")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    import timm
+
+    import fxprune  # noqa: F401  (imported before timing)
+
+    notes = []
+    tp = tp_version = None
+    if not args.no_torch_pruning:
+        try:
+            import torch_pruning as tp
+            tp_version = _dist_version("torch-pruning") or getattr(tp, "__version__", None)
+            notes.append(f"Torch-Pruning {tp_version}: DependencyGraph().build_dependency(model, "
+                         "example_inputs=x) on the same ViT-L model and input, same run.")
+        except Exception as exc:
+            notes.append(f"Torch-Pruning skipped: not importable ({type(exc).__name__}: {exc}).")
+    try:
+        load_before = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        load_before = None
+    print(f"timing trace+analyze on {args.analyze_model} ...", file=sys.stderr, flush=True)
+    a = bench_analyze(args.analyze_model, args.repeats, tp)
+    print(f"timing trace+analyze+prune on {args.prune_model} ...", file=sys.stderr, flush=True)
+    p = bench_prune(args.prune_model, args.repeats, args.ratio, args.align)
+    try:
+        load_after = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        load_after = None
+    notes.append(f"load average before/after: {load_before} / {load_after} (shared machine).")
+    doc = {
+        "benchmark": "pipeline",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None
+                                                          else sys.argv[1:])),
+        "environment": {
+            "python": platform.python_version(), "torch": torch.__version__,
+            "timm": timm.__version__, "fxprune": _dist_version("fxprune"),
+            "torch_pruning": tp_version, "cpu": cpu_name(), "threads": args.threads,
+            "cpu_count": os.cpu_count(), "device": "cpu",
+        },
+        "repeats": args.repeats,
+        "targets_s": TARGETS,
+        "analyze": a,
+        "prune": p,
+        "notes": notes,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(markdown(doc))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""AMAP search and refine (paper section 3 and appendix A; DESIGN.md section 6).
+
+``search`` traces and analyses the model, puts a learnable indicator on every prunable group
+(:mod:`fxprune.passes.insert_indicators`) and trains weights and indicators together with the
+task loss plus the MACs loss ``|MACs(masked) / MACs(dense) - macs_ratio|`` (eq. 8, the
+Euclidean distance to the target, normalised by the dense MACs so that one weight suits every
+model). ``refine`` slices with the learned masks, adds reweight modules on the queries and
+retrains. Under ``torchrun`` the gated model is wrapped in DistributedDataParallel: the
+indicators are parameters, so their gradients are averaged and every rank ends with the same
+masks.
+
+Example:
+    >>> import torch
+    >>> from fxprune.models.reference import tiny_vit
+    >>> x = torch.randn(16, 3, 32, 32); y = torch.randint(0, 10, (16,))
+    >>> loader = [(x[:8], y[:8]), (x[8:], y[8:])]
+    >>> res = search(tiny_vit(), loader, x[:1], macs_ratio=0.6, epochs=2, progress=False)
+    >>> res.history[-1]["macs_ratio"] < 1.0
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn as nn
+
+from .errors import InputError, PlanError
+
+WHERE = "fxprune.search"
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """Defaults follow the paper's appendix A where it gives them (AdamW, lr 5e-4 -> 5e-6,
+    weight decay 1e-6, tau 0.5). ``indicator_lr`` and ``macs_weight`` are not in the paper:
+    indicators start at 0 and must cross tau within a short search."""
+
+    macs_ratio: float = 0.5
+    epochs: int = 30
+    lr: float = 5e-4
+    lr_min: float = 5e-6
+    weight_decay: float = 1e-6
+    indicator_lr: float = 2e-2
+    macs_weight: float = 5.0
+    tau: float = 0.5
+    similarity: bool = True
+    sync: bool = True
+    similarity_every: int = 10
+    seed: int = 0
+    progress: bool = True
+    max_steps: int | None = None
+
+
+@dataclasses.dataclass
+class SearchResult:
+    graph_module: torch.fx.GraphModule      # gated model (weights trained)
+    analysis: Any
+    masks: dict[int, np.ndarray]            # binary keep masks per group (heads, size)
+    history: list[dict]
+    config: SearchConfig
+    macs_ratio: float                       # of the masked model, from the MACs model
+
+
+def _first_batch(loader, example, where):
+    try:
+        batch = next(iter(loader))
+    except StopIteration:
+        raise InputError(where, "the data loader is empty") from None
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise InputError(where, "the data loader must yield (inputs, targets) pairs",
+                         hint="e.g. torch.utils.data.DataLoader(TensorDataset(x, y))")
+    x, y = batch[0], batch[1]
+    if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != tuple(example.shape[1:]):
+        raise InputError(where, f"the loader yields inputs of shape "
+                         f"{tuple(getattr(x, 'shape', ()))}, the example input has "
+                         f"{tuple(example.shape)} (all but the batch dim must match)",
+                         hint="pass an example input shaped like one batch of the loader")
+    if not isinstance(y, torch.Tensor) or y.shape[0] != x.shape[0]:
+        raise InputError(where, "targets must be a tensor with one entry per input")
+
+
+def refresh_similarity(gm, analysis, indicators) -> None:
+    """Recompute AMAP's similarity weights (eq. 1-2) from the current weights."""
+    from .criteria import _features, _similarity_weight
+    from .oneshot import _units
+
+    groups = [analysis.groups[g] for g in indicators]
+    blocks = _features(gm, analysis, groups)
+    for g in groups:
+        w = _similarity_weight(g, blocks[g.index]).reshape(g.layout.shape)
+        units = _units(g, w)
+        indicators[g.index].set_similarity(torch.as_tensor(units.scores, dtype=torch.float32))
+
+
+def search(model, train_loader, example_inputs, config: SearchConfig | None = None, *,
+           eval_loader=None, loss_fn=None, **overrides) -> SearchResult:
+    """Train indicators and weights together to ``macs_ratio`` (see the module docstring)."""
+    from .analysis import analyze
+    from .macs_model import MacsModel
+    from .oneshot import _own_copy
+    from .passes.insert_indicators import (InsertIndicators, indicator_modules,
+                                           masks_from_indicators)
+    from .pipeline import prepare
+    from .tracing import trace
+
+    config = dataclasses.replace(config or SearchConfig(), **overrides)
+    if not 0.0 < config.macs_ratio <= 1.0:
+        raise InputError(WHERE, f"macs_ratio must be in (0, 1], got {config.macs_ratio}")
+    example = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
+    _first_batch(train_loader, example, WHERE)
+    torch.manual_seed(config.seed)
+    gm, _ = prepare(_own_copy(trace(model, example)))
+    analysis = analyze(gm)
+    if not any(g.prunable for g in analysis.groups):
+        raise PlanError(WHERE, "the analysis found no prunable channel group",
+                        hint="print(fxprune.analyze(fxprune.trace(model, x))) shows why")
+    macs_model = MacsModel(gm, analysis)
+    lowest = macs_model.minimum() / macs_model.dense
+    if lowest > config.macs_ratio:
+        raise PlanError(WHERE, f"macs_ratio {config.macs_ratio} cannot be reached: keeping one "
+                        f"unit per head in every prunable group still costs {lowest:.3f} of "
+                        "the dense MACs (frozen groups stay dense)",
+                        hint=f"use macs_ratio >= {math.ceil(lowest * 100) / 100}")
+    gated = InsertIndicators(tau=config.tau, similarity=config.similarity, sync=config.sync,
+                             inplace=True)(gm).graph_module
+    indicators = indicator_modules(gated)
+    train_module = gated
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        train_module = nn.parallel.DistributedDataParallel(gated)
+    ind_params = [p for ind in indicators.values() for p in ind.parameters()]
+    ind_ids = {id(p) for p in ind_params}
+    weights = [p for p in gated.parameters() if id(p) not in ind_ids and p.requires_grad]
+    opt = torch.optim.AdamW([
+        {"params": weights, "lr": config.lr, "weight_decay": config.weight_decay},
+        {"params": ind_params, "lr": config.indicator_lr, "weight_decay": 0.0}])
+    total = config.epochs * max(1, len(train_loader))
+    if config.max_steps:
+        total = min(total, config.max_steps)
+    base = [config.lr, config.indicator_lr]
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    history: list[dict] = []
+    step = 0
+    bar = _progress(total, config.progress)
+    gated.train()
+    for epoch in range(config.epochs):
+        seen = correct = 0
+        loss_sum = 0.0
+        for batch in train_loader:
+            if step >= total:
+                break
+            x, y = batch[0], batch[1]
+            if config.similarity and step % config.similarity_every == 0:
+                refresh_similarity(gated, analysis, indicators)
+            frac = 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
+            for group, lr0 in zip(opt.param_groups, base):
+                group["lr"] = config.lr_min / config.lr * lr0 + (
+                    lr0 - config.lr_min / config.lr * lr0) * frac
+            out = train_module(x)
+            task = loss_fn(out, y)
+            keep = {g: ind.keep() for g, ind in indicators.items()}
+            ratio = macs_model(keep) / macs_model.dense
+            loss = task + config.macs_weight * (ratio - config.macs_ratio).abs()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            seen += y.shape[0]
+            correct += int((out.argmax(-1) == y).sum())
+            loss_sum += float(task.detach()) * y.shape[0]
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(task.detach()):.3f}", acc=f"{correct / seen:.3f}",
+                                macs=f"{float(ratio):.3f}")
+        record = {"epoch": epoch, "loss": loss_sum / max(1, seen),
+                  "train_acc": correct / max(1, seen), "macs_ratio": float(ratio.detach())}
+        if eval_loader is not None:
+            record["eval_acc"] = evaluate(gated, eval_loader)
+            gated.train()
+        history.append(record)
+        if step >= total:
+            break
+    if bar is not None:
+        bar.close()
+    gated.eval()
+    masks = masks_from_indicators(gated, analysis)
+    with torch.no_grad():
+        final = float(macs_model({g: ind.keep() for g, ind in indicators.items()}))
+    return SearchResult(gated, analysis, masks, history, config, final / macs_model.dense)
+
+
+def _progress(total, enabled):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress is a nicety; training does not need it
+        return None
+    return tqdm(total=total, desc="AMAP search", leave=False)
+
+
+def evaluate(module, loader) -> float:
+    """Top-1 accuracy of ``module`` on ``loader`` (eval mode, no grad)."""
+    module.eval()
+    seen = correct = 0
+    with torch.no_grad():
+        for batch in loader:
+            out = module(batch[0])
+            correct += int((out.argmax(-1) == batch[1]).sum())
+            seen += batch[1].shape[0]
+    return correct / max(1, seen)
+
+
+def refine(result: SearchResult, train_loader, epochs: int = 30, *, reweight: bool = True,
+           lr: float = 5e-4, lr_min: float = 5e-6, weight_decay: float = 1e-6,
+           eval_loader=None, progress: bool = False) -> tuple[torch.fx.GraphModule, list]:
+    """Slice with the searched masks, add reweight modules, retrain (paper appendix A).
+
+    Where the masks keep different counts per head (search without synchronisation), the
+    model cannot be sliced and is refined masked, with fixed binary gates.
+    Returns ``(model, history)``.
+    """
+    from .analysis import analyze
+    from .passes.insert_gates import InsertGates, gate_modules
+    from .passes.reweight import Reweight
+    from .passes.slice import Slice
+
+    gm = result.graph_module
+    try:
+        model = Slice(keep=result.masks)(gm).graph_module if result.masks else gm
+        sliced = True
+    except PlanError:
+        sliced = False
+    if not sliced:
+        base = Slice(keep={})(gm).graph_module  # drops the indicators, keeps every channel
+        analysis = analyze(base)
+        model = InsertGates()(base).graph_module
+        for group, gate in gate_modules(model).items():
+            if group in result.masks:
+                gate.set_mask(torch.as_tensor(result.masks[group]))
+            gate.values.requires_grad_(False)
+    elif reweight:
+        analyze(model)
+        model = Reweight()(model).graph_module
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    total = max(1, epochs * len(train_loader))
+    step = 0
+    history = []
+    loss_fn = nn.CrossEntropyLoss()
+    bar = _progress(total, progress)
+    model.train()
+    for epoch in range(epochs):
+        for x, y in train_loader:
+            frac = 0.5 * (1 + math.cos(math.pi * step / total))
+            for group in opt.param_groups:
+                group["lr"] = lr_min + (lr - lr_min) * frac
+            loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if bar is not None:
+                bar.update(1)
+        rec = {"epoch": epoch, "loss": float(loss)}
+        if eval_loader is not None:
+            rec["eval_acc"] = evaluate(model, eval_loader)
+            model.train()
+        history.append(rec)
+    if bar is not None:
+        bar.close()
+    model.eval()
+    model.meta["fxprune.sliced"] = sliced
+    return model, history

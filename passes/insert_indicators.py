@@ -1,0 +1,117 @@
+"""``insert-indicators``: AMAP's learnable pruning indicators on every prunable group.
+
+Like ``insert-gates`` (same places: where a group's channels are contracted away, so masking
+equals removal), but the gate value is the indicator's straight-through binary keep mask
+(:mod:`fxprune.indicators`), trained by :func:`fxprune.search.search`. Q and K share one
+indicator (they form one group), V has its own, each MLP hidden layer its own.
+
+Graph before and after (one attention site, SDPA)::
+
+    q, k, v -> sdpa(q, k, v) -> proj(...)
+    q, k, v -> sdpa(ind_gate_qk(q), k, v) -> proj(ind_gate_v(...))
+
+Example:
+    >>> import torch, fxprune
+    >>> from fxprune.models.reference import tiny_vit
+    >>> gm = fxprune.trace(tiny_vit(), torch.randn(1, 3, 32, 32)); _ = fxprune.analyze(gm)
+    >>> r = InsertIndicators()(gm)
+    >>> sorted(r.info["indicators"])[:3], r.info["sites"]
+    ([1, 2, 3], 6)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+import torch.fx
+
+from fxprune.analysis import get_analysis
+from fxprune.errors import PassOrderError
+from fxprune.indicators import Indicator, IndicatorGate
+from fxprune.passbase import FxPass, PassResult, copy_graph_module
+
+INDICATORS_KEY = "fxprune.indicators"
+
+
+@dataclasses.dataclass(frozen=True)
+class InsertIndicatorsOptions:
+    tau: float = 0.5
+    similarity: bool = True
+    sync: bool = True
+    inplace: bool = False
+
+
+class InsertIndicators(FxPass):
+    name = "insert-indicators"
+    Options = InsertIndicatorsOptions
+
+    def requires(self, gm):
+        super().requires(gm)
+        get_analysis(gm, self.name)
+        if gm.meta.get(INDICATORS_KEY):
+            raise PassOrderError(self.name, "the graph already has indicators",
+                                 hint="run insert-indicators once per graph")
+
+    def run(self, gm: torch.fx.GraphModule) -> PassResult:
+        from fxprune.oneshot import _units
+
+        out = gm if self.options.inplace else copy_graph_module(gm)
+        analysis = get_analysis(out, self.name)
+        node_by_name = {n.name: n for n in out.graph.nodes}
+        indicators: dict[int, str] = {}
+        changes, n_sites = [], 0
+        for g in analysis.groups:
+            if not g.prunable:
+                continue
+            units = _units(g, np.zeros(g.layout.shape))
+            unit_of = {int(c): i for i, c in enumerate(units.channels.ravel())}
+            ind = Indicator(g.index, units.channels, tau=self.options.tau,
+                            similarity=self.options.similarity, sync=self.options.sync)
+            ind_name = f"fxprune_indicator_g{g.index}"
+            out.add_submodule(ind_name, ind)
+            indicators[g.index] = ind_name
+            sinks = [s for s in g.sinks if s.kind == "qk"] or list(g.sinks)
+            for j, sink in enumerate(sinks):
+                node = node_by_name[sink.node.name]
+                ch = analysis.components.channel_of(sink.comp.lab)
+                index = np.vectorize(unit_of.__getitem__, otypes=[np.int64])(ch)
+                operand = node.args[sink.arg] if isinstance(sink.arg, int) else \
+                    node.kwargs[sink.arg]
+                nd = len(operand.meta["fxprune.shape"])
+                index = index.reshape((1,) * (nd - index.ndim) + index.shape)
+                gate_name = f"fxprune_indgate_g{g.index}_{j}"
+                out.add_submodule(gate_name, IndicatorGate(ind, torch.from_numpy(index)))
+                with out.graph.inserting_before(node):
+                    gate_node = out.graph.call_module(gate_name, (operand,))
+                gate_node.meta.update({k: v for k, v in operand.meta.items()
+                                       if k in ("val", "fxprune.shape", "fxprune.comps")})
+                if isinstance(sink.arg, int):
+                    args = list(node.args)
+                    args[sink.arg] = gate_node
+                    node.args = tuple(args)
+                else:
+                    node.kwargs = {**node.kwargs, sink.arg: gate_node}
+                n_sites += 1
+                changes.append(f"indicator of group {g.index} ({g.kind}) before {node.name}")
+        out.meta[INDICATORS_KEY] = indicators
+        out.recompile()
+        return PassResult(out, bool(indicators), changes,
+                          {"indicators": indicators, "sites": n_sites})
+
+
+def indicator_modules(gm: torch.fx.GraphModule) -> dict[int, Indicator]:
+    return {g: gm.get_submodule(name) for g, name in (gm.meta.get(INDICATORS_KEY) or {}).items()}
+
+
+def masks_from_indicators(gm: torch.fx.GraphModule, analysis) -> dict[int, np.ndarray]:
+    """Binary keep masks over each group's layout (heads, size) from the current indicators."""
+    masks = {}
+    for g, ind in indicator_modules(gm).items():
+        keep_units = ind.keep().detach().cpu().numpy() > 0.5
+        kept_channels = ind.channels[keep_units]
+        mask = np.isin(analysis.groups[g].layout, kept_channels)
+        if not mask.all():
+            masks[g] = mask
+    return masks
