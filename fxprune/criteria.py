@@ -8,6 +8,9 @@ group, a keep-score array shaped like the group's layout ``(heads, size)``: high
   keep-score is ``l1 / w_i``: a channel with a near-duplicate in its head is a better
   candidate for removal (AMAP section 3.1).
 * ``random``: uniform noise from ``seed`` (a baseline).
+* ``toast``: ToaSt's coupled head-wise score: the distance of each channel's tied weights
+  (Q and K rows together for a ``qk`` group; V rows with the output projection's columns for
+  a ``v`` group) from the element-wise median over the channels of its head.
 
 Example:
     >>> import torch, fxprune
@@ -26,7 +29,7 @@ import torch
 from .errors import InputError
 from .propagate import _fetch_attr
 
-CRITERIA = ("similarity", "l1", "random")
+CRITERIA = ("similarity", "l1", "random", "toast")
 SKETCH_DIM = 256
 
 
@@ -85,6 +88,8 @@ def channel_scores(gm, analysis, criterion: str, seed: int = 0,
         score = l1
         if criterion == "similarity":
             score = l1 / _similarity_weight(g, blocks[g.index])
+        elif criterion == "toast":
+            score = _median_distance(g, blocks[g.index])
         out[g.index] = score.reshape(g.layout.shape)
     return out
 
@@ -116,3 +121,20 @@ def _similarity_weight(g, blocks) -> np.ndarray:
     sim = (ft @ ft.transpose(1, 2)).abs()
     sim.diagonal(dim1=1, dim2=2).zero_()
     return (1.0 + sim.max(dim=2).values).reshape(-1).double().numpy()
+
+
+def _median_distance(g, blocks) -> np.ndarray:
+    """ToaSt: ||f_i - median_j f_j|| over the channels j of the same head."""
+    n = g.layout.size
+    width = sum(feat.shape[1] for _, feat in blocks)
+    if not width:
+        return np.ones(n)
+    f = np.zeros((n, width), dtype=np.float32)
+    col = 0
+    for pos, feat in blocks:
+        ok = pos >= 0
+        f[pos[ok], col:col + feat.shape[1]] = feat[ok]
+        col += feat.shape[1]
+    ft = torch.from_numpy(f).reshape(g.layout.shape[0], g.layout.shape[1], width)
+    median = ft.median(dim=1, keepdim=True).values
+    return (ft - median).norm(dim=2).reshape(-1).double().numpy()

@@ -200,7 +200,8 @@ class PrunePlan:
 
 
 def plan(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "similarity",
-         align: int = 8, seed: int = 0, prepare: bool = True) -> PrunePlan:
+         align: int = 8, seed: int = 0, prepare: bool = True,
+         dense_sites: tuple[int, ...] = ()) -> PrunePlan:
     """Decide what to prune without slicing (see :func:`prune` for the arguments).
 
     Example:
@@ -220,7 +221,9 @@ def plan(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simil
         gm, _ = run_prepare(gm)
     analysis = analyze(gm)
     dense = count_macs(gm)
-    prunable = [g for g in analysis.groups if g.prunable]
+    keep_dense = {gi for i in dense_sites if 0 <= i < len(analysis.attention)
+                  for gi in (analysis.attention[i].qk_group, analysis.attention[i].v_group)}
+    prunable = [g for g in analysis.groups if g.prunable and g.index not in keep_dense]
     if not prunable:
         reasons = sorted({g.frozen for g in analysis.groups if g.frozen})
         raise PlanError(WHERE, "the analysis found no prunable channel group"
@@ -233,11 +236,15 @@ def plan(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simil
 
 
 def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "similarity",
-          align: int = 8, seed: int = 0, prepare: bool = True) -> torch.fx.GraphModule:
+          align: int = 8, seed: int = 0, prepare: bool = True,
+          dense_sites: tuple[int, ...] = ()) -> torch.fx.GraphModule:
     """One-shot structured pruning of ``model`` to ``macs_ratio`` of its MACs.
 
-    ``criterion`` is ``"similarity"`` (AMAP eq. 1-3 with weight magnitude), ``"l1"`` or
-    ``"random"``; ``align`` rounds every kept count per head (and MLP width) to a multiple.
+    ``criterion`` is ``"similarity"`` (AMAP eq. 1-3 with weight magnitude), ``"l1"``,
+    ``"random"`` or ``"toast"`` (ToaSt's median-distance score, same k in every head, Q/K and
+    V with independent masks); ``align`` rounds every kept count per head (and MLP width) to
+    a multiple; ``dense_sites`` lists attention sites left dense (ToaSt leaves block 0 dense:
+    ``dense_sites=(0,)``).
     Returns a smaller ``torch.fx.GraphModule``; ``pruned.meta["fxprune.plan"]`` maps every
     sliced parameter of the ORIGINAL model to ``{dim: kept indices}``, and
     ``pruned.meta["fxprune.macs_ratio"]`` is the ratio reached. Frozen groups stay dense. When
@@ -253,7 +260,8 @@ def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simi
     """
     from .passes.slice import Slice
 
-    decided = plan(model, example_inputs, macs_ratio, criterion, align, seed, prepare)
+    decided = plan(model, example_inputs, macs_ratio, criterion, align, seed, prepare,
+                   dense_sites)
     gm, analysis, masks, dense = (decided.graph_module, decided.analysis, decided.masks,
                                   decided.dense_macs)
     result = Slice(keep=masks, inplace=True)(gm) if masks else None

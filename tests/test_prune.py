@@ -190,3 +190,30 @@ def test_macs_ratio_one_prunes_nothing():
     pruned = fxprune.prune(model, x, macs_ratio=1.0)
     assert pruned.meta["fxprune.plan"] == {}
     assert torch.allclose(outputs(pruned, x), outputs(model, x))
+
+
+@pytest.mark.parametrize("name", ["timm_deit_small", "timm_swin_tiny"] + [
+    n for n in sorted(ZOO) if n not in ("no_attention", "qk_layernorm")])
+def test_toast_criterion_exact(name):
+    """ToaSt: same k in every head, Q/K and V masks independent, exact vs zeroed original."""
+    if name in REAL:
+        factory, shape = REAL[name]
+        model, x, align = factory(), torch.randn(*shape), 8
+    else:
+        model, x, _ = ZOO[name]()
+        align = 1
+    decided, pruned = _check_all(model, x, macs_ratio=0.6, align=align, criterion="toast")
+    for s in decided.analysis.attention:
+        for gi in (s.qk_group, s.v_group):
+            if gi in decided.masks:
+                counts = decided.masks[gi].sum(axis=1)
+                assert len(set(counts[counts > 0].tolist())) == 1
+
+
+def test_toast_leaves_first_block_dense():
+    model = _timm("deit_small_patch16_224", img_size=64)
+    x = torch.randn(1, 3, 64, 64)
+    pruned = fxprune.prune(model, x, macs_ratio=0.7, criterion="toast", dense_sites=(0,))
+    first = pruned.meta["fxprune.summary"][0]
+    assert (first["qk_dim_after"], first["v_dim_after"]) == (64, 64)
+    assert not any(k.startswith("blocks.0.attn") for k in pruned.meta["fxprune.plan"])

@@ -1,0 +1,19 @@
+"""Hypothesis profiles for the property tests (tests/test_properties.py, tests/test_hostile.py).
+
+- ``ci`` (default): derandomized, so every run checks the same generated models and the suite's
+  time stays predictable; each property runs its CI budget (``budget(n)`` = n examples).
+- ``slow`` (``make test-slow`` passes ``--hypothesis-profile=slow``): 5x the examples, fresh
+  randomness every run.
+
+Neither has a deadline: one example traces, prunes and runs a model (0.1 to 1 s).
+"""
+
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci", max_examples=200, deadline=None, derandomize=True, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "slow", max_examples=1000, deadline=None, derandomize=False, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci")

@@ -1,0 +1,109 @@
+"""Smoke tests of the speed benchmarks: each script runs end to end on a tiny CPU config and
+writes a JSON file with the documented structure (the figures themselves are not checked: a
+2-image batch on a shared CPU is noise)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+pytest.importorskip("timm")
+
+
+def run_script(name: str, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, str(BENCH / name), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def check_timed_row(row: dict) -> None:
+    for key in ("macs_ratio", "ideal_speedup", "ms_per_batch", "images_per_s", "speedup",
+                "speedup_of_medians", "efficiency"):
+        assert key in row, (key, row)
+    assert 0 < row["macs_ratio"] <= 1.0
+    assert row["ideal_speedup"] == pytest.approx(1.0 / row["macs_ratio"])
+    assert row["ms_per_batch"] > 0 and row["images_per_s"] > 0
+    assert row["speedup"] > 0 and row["efficiency"] > 0
+
+
+def test_bench_speed_tiny(tmp_path):
+    out = tmp_path / "speed.json"
+    proc = run_script("bench_speed.py", [
+        "--model", "vit_tiny_patch16_224", "--img-size", "64", "--batch", "2", "--rounds", "1",
+        "--iters", "1", "--warmup", "1", "--ratios", "0.7", "--aligns", "8", "1",
+        "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"] == "cpu_speed"
+    assert {"date", "command", "environment", "config", "results", "notes"} <= set(doc)
+    assert doc["environment"]["threads"] == 2
+    assert doc["config"]["batch"] == 2 and doc["config"]["img_size"] == 64
+    names = [r["name"] for r in doc["results"]]
+    assert names == ["dense", "dense-fx", "pruned-0.7-a8", "pruned-0.7-a1"]
+    for row in doc["results"]:
+        check_timed_row(row)
+        assert len(row["round_s"]) == 1
+    dense = doc["results"][0]
+    assert dense["speedup"] == pytest.approx(1.0)
+    for row in doc["results"][2:]:
+        assert abs(row["macs_ratio"] - 0.7) <= 0.02
+        w = row["widths"]
+        assert len(w["qk_head_dims"]) == len(w["v_head_dims"]) == w["sites"] == 12
+        if row["align"] == 8:
+            assert all(d % 8 == 0 for d in w["qk_head_dims"] + w["v_head_dims"])
+    assert "| pruned-0.7-a8 |" in proc.stdout  # the markdown table
+
+
+def test_bench_gpu_tiny_on_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = run_script("bench_gpu.py", ["--device", "cpu", "--tiny", "--ratios", "0.7",
+                                       "--aligns", "8", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"] == "gpu_throughput"
+    assert {"date", "command", "environment", "config", "results", "notes"} <= set(doc)
+    cfg = doc["config"]
+    assert cfg["tiny"] and cfg["batch"] == 4 and cfg["img_size"] == 64
+    assert cfg["dtype"] == "fp32" and cfg["compile"] == "off" and cfg["rounds"] == 2
+    assert doc["environment"]["device"] == "cpu" and doc["environment"]["device_name"]
+    rows = {r["variant"]: r for r in doc["results"]}
+    assert {"dense", "fxprune-0.7-a8"} <= set(rows)
+    for name in ("dense", "fxprune-0.7-a8"):
+        row = rows[name]
+        assert "error" not in row, row
+        assert row["model"] == "vit_tiny_patch16_224" and row["compile"] is False
+        check_timed_row(row)
+        assert len(row["round_s"]) == 2
+    assert rows["dense"]["speedup"] == pytest.approx(1.0)
+    assert abs(rows["fxprune-0.7-a8"]["macs_ratio"] - 0.7) <= 0.02
+    if importlib.util.find_spec("torch_pruning") is not None:
+        tp = rows["tp-0.7-r8"]  # present, and either measured or its failure recorded
+        if "error" not in tp:
+            check_timed_row(tp)
+            assert tp["torch_pruning"]["search"]
+    else:
+        assert not any(r["variant"].startswith("tp-") for r in doc["results"])
+    assert "Device: CPU" in proc.stdout and "| fxprune-0.7-a8 |" in proc.stdout
+
+
+def test_bench_gpu_without_cuda_says_so(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_gpu.py"), "--out",
+                           str(tmp_path / "g.json")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "CUDA is not available" in proc.stderr
+    assert not (tmp_path / "g.json").exists()
