@@ -105,8 +105,7 @@ def search(model, train_loader, example_inputs, config: SearchConfig | None = No
     from .analysis import analyze
     from .macs_model import MacsModel
     from .oneshot import _own_copy
-    from .passes.insert_indicators import (InsertIndicators, indicator_modules,
-                                           masks_from_indicators)
+    from .passes.insert_indicators import InsertIndicators, indicator_modules, masks_from_indicators
     from .pipeline import prepare
     from .tracing import trace
 
