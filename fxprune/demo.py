@@ -1,8 +1,12 @@
 """``make demo`` / ``fxprune demo``: the main job on an embedded default.
 
-Traces timm DeiT-S (random weights: nothing is downloaded), prints its analysis, prunes it
-one-shot to 70% of its MACs, prints the per-layer table, checks the pruned model against the
-zeroed original (DESIGN.md section 3) and measures the CPU speed-up.
+Part 1: traces timm DeiT-S (random weights: nothing is downloaded), prints its analysis,
+prunes it one-shot to 70% of its MACs, prints the per-layer table, checks the pruned model
+against the zeroed original (DESIGN.md section 3) and measures the CPU speed-up.
+
+Part 2 (:mod:`fxprune.amap_demo`): the AMAP job on real data: a small ViT trained on
+scikit-learn's digits, searched to 50% MACs, refined and sliced, with accuracy, MACs, kept
+channels per layer and head (plot) and speed before and after.
 
 Example (takes about a minute)::
 
@@ -32,7 +36,7 @@ def _median_ms(fn, x, rounds: int) -> float:
 
 
 def main(model_name: str = "deit_small_patch16_224", macs_ratio: float = 0.7,
-         out_dir: str = "runs/demo", rounds: int = 5) -> dict:
+         out_dir: str = "runs/demo", rounds: int = 5, amap: bool = True) -> dict:
     import timm
 
     import fxprune
@@ -78,4 +82,9 @@ def main(model_name: str = "deit_small_patch16_224", macs_ratio: float = 0.7,
     with open(os.path.join(out_dir, "result.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(f"saved {out_dir}/pruned.pt (torch.load(..., weights_only=False)) and result.json")
+    if amap:
+        from . import amap_demo
+
+        print("\n== AMAP search + refine on scikit-learn digits ==\n")
+        result["amap"] = amap_demo.main(out_dir=out_dir)
     return result

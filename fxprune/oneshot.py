@@ -105,12 +105,20 @@ class _CostModel:
         parts = [self.order[self.bounds[c]:self.bounds[c + 1]] for c in channels.tolist()]
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
+    def per_head(self, qk_group, v_group) -> float:
+        """MACs saved by removing one whole head (its q/k and v channels)."""
+        removed = np.concatenate([qk_group.layout[0], v_group.layout[0]])
+        return self._saving([qk_group, v_group], removed)
+
     def per_unit(self, group, units: _Units, removed_per_head: int) -> float:
         removed = units.channels[:, :removed_per_head].ravel()
+        return self._saving([group], removed) / removed_per_head
+
+    def _saving(self, groups, removed) -> float:
         labels = self.labels_of(np.unique(removed))
         self.lab_keep[labels] = False
         try:
-            nodes = {n for n, _ in group.members}
+            nodes = {n for g in groups for n, _ in g.members}
             affected = set(nodes)
             for n in nodes:
                 affected.update(n.users)
@@ -129,16 +137,43 @@ class _CostModel:
                     continue
         finally:
             self.lab_keep[labels] = True
-        return saved / removed_per_head
+        return saved
+
+
+def _head_scores(analysis, scores, site) -> np.ndarray:
+    """Score per head of a site: mean normalised score of its q/k and v channels."""
+    parts = []
+    for gi in (site.qk_group, site.v_group):
+        sc = scores[gi]
+        parts.append(sc.mean(axis=1) / max(float(sc.mean()), 1e-12))
+    return np.mean(parts, axis=0)
 
 
 def allocate(gm, analysis, scores: dict[int, np.ndarray], target_macs: float,
-             dense_macs: float, align: int) -> dict[int, int]:
-    """Kept count per head for every scored group so that MACs land at or below target."""
+             dense_macs: float, align: int, whole_head_sites=()) -> dict:
+    """Kept count per head for every scored group so that MACs land at or below target.
+
+    Sites in ``whole_head_sites`` are pruned by whole heads instead (key ``("site", i)``:
+    kept head count), their q/k and v groups together."""
     cost_model = _CostModel(gm, analysis)
     state = {}
     heap = []
+    for i in whole_head_sites:
+        site = analysis.attention[i]
+        heads = site.num_heads
+        if heads < 2:
+            continue
+        qk, v = analysis.groups[site.qk_group], analysis.groups[site.v_group]
+        cost = cost_model.per_head(qk, v)
+        ranked = np.sort(_head_scores(analysis, scores, site))[::-1]
+        key = ("site", i)
+        state[key] = {"steps": list(range(heads, 0, -1)), "i": 0, "ranked": ranked,
+                      "cost": cost}
+        heapq.heappush(heap, (_priority(state[key]), key))
     for gi, score in scores.items():
+        if any(gi in (analysis.attention[i].qk_group, analysis.attention[i].v_group)
+               for i in whole_head_sites):
+            continue
         g = analysis.groups[gi]
         units = _units(g, score)
         steps = _steps(units.channels.shape[1], units.per_unit, align)
@@ -153,14 +188,18 @@ def allocate(gm, analysis, scores: dict[int, np.ndarray], target_macs: float,
         state[gi] = {"steps": steps, "i": 0, "ranked": ranked, "cost": cost}
         heapq.heappush(heap, (_priority(state[gi]), gi))
     macs = float(dense_macs)
+    heap = [(p, 0 if isinstance(k, int) else 1, k if isinstance(k, int) else k[1], k)
+            for p, k in heap]
+    heapq.heapify(heap)
     while macs > target_macs and heap:
-        _, gi = heapq.heappop(heap)
+        *_, gi = heapq.heappop(heap)
         st = state[gi]
         k_now, k_next = st["steps"][st["i"]], st["steps"][st["i"] + 1]
         macs -= st["cost"] * (k_now - k_next)
         st["i"] += 1
         if st["i"] + 1 < len(st["steps"]):
-            heapq.heappush(heap, (_priority(st), gi))
+            order = 0 if isinstance(gi, int) else 1
+            heapq.heappush(heap, (_priority(st), order, gi if order == 0 else gi[1], gi))
     return {gi: st["steps"][st["i"]] for gi, st in state.items()}  # kept units per head
 
 
@@ -176,6 +215,16 @@ def keep_masks(analysis, scores, kept: dict[int, int]) -> dict[int, np.ndarray]:
     own top units (the same ones in every head where channels are shared across heads)."""
     masks = {}
     for gi, k in kept.items():
+        if not isinstance(gi, int):  # whole heads of a site
+            site = analysis.attention[gi[1]]
+            if k >= site.num_heads:
+                continue
+            top = np.argsort(-_head_scores(analysis, scores, site), kind="stable")[:k]
+            for group in (site.qk_group, site.v_group):
+                mask = np.zeros(analysis.groups[group].layout.shape, dtype=bool)
+                mask[top] = True
+                masks[group] = mask
+            continue
         g = analysis.groups[gi]
         units = _units(g, scores[gi])
         if k >= units.channels.shape[1]:
@@ -201,7 +250,7 @@ class PrunePlan:
 
 def plan(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "similarity",
          align: int = 8, seed: int = 0, prepare: bool = True,
-         dense_sites: tuple[int, ...] = ()) -> PrunePlan:
+         dense_sites: tuple[int, ...] = (), heads: str = "channels") -> PrunePlan:
     """Decide what to prune without slicing (see :func:`prune` for the arguments).
 
     Example:
@@ -230,21 +279,31 @@ def plan(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simil
                         + (f" (frozen: {'; '.join(reasons[:3])})" if reasons else ""),
                         hint="print(fxprune.analyze(fxprune.trace(model, x))) shows why")
     scores = channel_scores(gm, analysis, criterion, seed=seed, groups=prunable)
-    kept = allocate(gm, analysis, scores, float(macs_ratio) * dense, dense, align)
+    if heads not in ("channels", "whole"):
+        raise InputError(WHERE, f"heads must be 'channels' or 'whole', got {heads!r}")
+    whole = ()
+    if heads == "whole":
+        ids = {g.index for g in prunable}
+        whole = tuple(s.index for s in analysis.attention
+                      if s.qk_group in ids and s.v_group in ids
+                      and not analysis.groups[s.qk_group].shared_across_heads
+                      and not analysis.groups[s.v_group].shared_across_heads)
+    kept = allocate(gm, analysis, scores, float(macs_ratio) * dense, dense, align, whole)
     masks = keep_masks(analysis, scores, kept)
     return PrunePlan(gm, analysis, scores, kept, masks, dense)
 
 
 def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "similarity",
           align: int = 8, seed: int = 0, prepare: bool = True,
-          dense_sites: tuple[int, ...] = ()) -> torch.fx.GraphModule:
+          dense_sites: tuple[int, ...] = (), heads: str = "channels") -> torch.fx.GraphModule:
     """One-shot structured pruning of ``model`` to ``macs_ratio`` of its MACs.
 
     ``criterion`` is ``"similarity"`` (AMAP eq. 1-3 with weight magnitude), ``"l1"``,
     ``"random"`` or ``"toast"`` (ToaSt's median-distance score, same k in every head, Q/K and
     V with independent masks); ``align`` rounds every kept count per head (and MLP width) to
     a multiple; ``dense_sites`` lists attention sites left dense (ToaSt leaves block 0 dense:
-    ``dense_sites=(0,)``).
+    ``dense_sites=(0,)``); ``heads="whole"`` removes whole heads (head dim kept) instead of
+    channels inside heads, for comparison.
     Returns a smaller ``torch.fx.GraphModule``; ``pruned.meta["fxprune.plan"]`` maps every
     sliced parameter of the ORIGINAL model to ``{dim: kept indices}``, and
     ``pruned.meta["fxprune.macs_ratio"]`` is the ratio reached. Frozen groups stay dense. When
@@ -261,7 +320,7 @@ def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simi
     from .passes.slice import Slice
 
     decided = plan(model, example_inputs, macs_ratio, criterion, align, seed, prepare,
-                   dense_sites)
+                   dense_sites, heads)
     gm, analysis, masks, dense = (decided.graph_module, decided.analysis, decided.masks,
                                   decided.dense_macs)
     result = Slice(keep=masks, inplace=True)(gm) if masks else None
@@ -298,12 +357,13 @@ def _summary(analysis, masks) -> list[dict]:
     rows = []
     for s in analysis.attention:
         row = {"site": s.index, "kind": s.kind, "heads": s.num_heads,
-               "qk_dim": s.qk_head_dim, "v_dim": s.v_head_dim,
+               "heads_after": s.num_heads, "qk_dim": s.qk_head_dim, "v_dim": s.v_head_dim,
                "qk_dim_after": s.qk_head_dim, "v_dim_after": s.v_head_dim}
-        if s.qk_group in masks:
-            row["qk_dim_after"] = int(masks[s.qk_group][0].sum())
-        if s.v_group in masks:
-            row["v_dim_after"] = int(masks[s.v_group][0].sum())
+        for gi, key in ((s.qk_group, "qk_dim_after"), (s.v_group, "v_dim_after")):
+            if gi in masks:
+                per_head = masks[gi].sum(axis=1)
+                row[key] = int(per_head.max())
+                row["heads_after"] = int((per_head > 0).sum())
         rows.append(row)
     for g in analysis.groups:
         if g.kind == "mlp":

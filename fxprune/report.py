@@ -73,7 +73,7 @@ def prune_table(pruned) -> str:
     rows = []
     for i, r in enumerate(sites):
         mlp = mlps[i] if i < len(mlps) and len(mlps) == len(sites) else None
-        rows.append([r["site"], r["kind"], f"{r['heads']}/{r['heads']}",
+        rows.append([r["site"], r["kind"], f"{r.get('heads_after', r['heads'])}/{r['heads']}",
                      f"{r['qk_dim']} -> {r['qk_dim_after']}",
                      f"{r['v_dim']} -> {r['v_dim_after']}",
                      f"{mlp['width']} -> {mlp['width_after']}" if mlp else "-"])

@@ -42,7 +42,7 @@ def test_bench_speed_tiny(tmp_path):
     out = tmp_path / "speed.json"
     proc = run_script("bench_speed.py", [
         "--model", "vit_tiny_patch16_224", "--img-size", "64", "--batch", "2", "--rounds", "1",
-        "--iters", "1", "--warmup", "1", "--ratios", "0.7", "--aligns", "8", "1",
+        "--iters", "1", "--warmup", "1", "--ratios", "0.7", "--aligns", "8",
         "--out", str(out)])
     doc = json.loads(out.read_text())
     assert doc["benchmark"] == "cpu_speed"
@@ -50,7 +50,7 @@ def test_bench_speed_tiny(tmp_path):
     assert doc["environment"]["threads"] == 2
     assert doc["config"]["batch"] == 2 and doc["config"]["img_size"] == 64
     names = [r["name"] for r in doc["results"]]
-    assert names == ["dense", "dense-fx", "pruned-0.7-a8", "pruned-0.7-a1"]
+    assert names == ["dense", "dense-fx", "pruned-0.7-a8"]
     for row in doc["results"]:
         check_timed_row(row)
         assert len(row["round_s"]) == 1
@@ -60,8 +60,7 @@ def test_bench_speed_tiny(tmp_path):
         assert abs(row["macs_ratio"] - 0.7) <= 0.02
         w = row["widths"]
         assert len(w["qk_head_dims"]) == len(w["v_head_dims"]) == w["sites"] == 12
-        if row["align"] == 8:
-            assert all(d % 8 == 0 for d in w["qk_head_dims"] + w["v_head_dims"])
+        assert all(d % 8 == 0 for d in w["qk_head_dims"] + w["v_head_dims"])  # align 8
     assert "| pruned-0.7-a8 |" in proc.stdout  # the markdown table
 
 
@@ -77,14 +76,15 @@ def test_bench_gpu_tiny_on_cpu(tmp_path):
     assert cfg["dtype"] == "fp32" and cfg["compile"] == "off" and cfg["rounds"] == 2
     assert doc["environment"]["device"] == "cpu" and doc["environment"]["device_name"]
     rows = {r["variant"]: r for r in doc["results"]}
-    assert {"dense", "fxprune-0.7-a8"} <= set(rows)
-    for name in ("dense", "fxprune-0.7-a8"):
+    assert {"dense", "fxprune-1-a8", "fxprune-0.7-a8"} <= set(rows)
+    for name in ("dense", "fxprune-1-a8", "fxprune-0.7-a8"):
         row = rows[name]
         assert "error" not in row, row
         assert row["model"] == "vit_tiny_patch16_224" and row["compile"] is False
         check_timed_row(row)
         assert len(row["round_s"]) == 2
     assert rows["dense"]["speedup"] == pytest.approx(1.0)
+    assert rows["fxprune-1-a8"]["macs_ratio"] == pytest.approx(1.0)
     assert abs(rows["fxprune-0.7-a8"]["macs_ratio"] - 0.7) <= 0.02
     if importlib.util.find_spec("torch_pruning") is not None:
         tp = rows["tp-0.7-r8"]  # present, and either measured or its failure recorded

@@ -217,3 +217,16 @@ def test_toast_leaves_first_block_dense():
     first = pruned.meta["fxprune.summary"][0]
     assert (first["qk_dim_after"], first["v_dim_after"]) == (64, 64)
     assert not any(k.startswith("blocks.0.attn") for k in pruned.meta["fxprune.plan"])
+
+
+def test_whole_head_pruning_keeps_head_dim_and_is_exact():
+    model = _timm("deit_small_patch16_224", img_size=64)
+    x = torch.randn(2, 3, 64, 64)
+    pruned = fxprune.prune(model, x, macs_ratio=0.6, criterion="toast", heads="whole")
+    rows = [r for r in pruned.meta["fxprune.summary"] if "site" in r]
+    assert all(r["qk_dim_after"] == 64 and r["v_dim_after"] == 64 for r in rows)
+    assert sum(r["heads_after"] for r in rows) < sum(r["heads"] for r in rows)
+    assert all(r["heads_after"] >= 1 for r in rows)
+    reference = outputs(zeroed_original(model, pruned.meta["fxprune.plan"]), x)
+    assert rel_err(outputs(pruned, x), reference) < 1e-4
+    assert pruned.meta["fxprune.macs_ratio"] <= 0.62
