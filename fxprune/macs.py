@@ -226,6 +226,9 @@ def node_macs(node: torch.fx.Node, gm: torch.fx.GraphModule,
         return int(handler(node, shape)) if handler else 0
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
+        own = getattr(mod, "fxprune_macs", None)
+        if callable(own):  # modules fxprune inserts (e.g. token channel selection) price
+            return int(own([shape(a) for a in node.args if isinstance(a, torch.fx.Node)]))
         for cls, handler in _MODULES:
             if isinstance(mod, cls):
                 return int(handler(node, mod, shape))
