@@ -94,18 +94,35 @@ def channel_scores(gm, analysis, criterion: str, seed: int = 0,
     return out
 
 
+def _feature_matrix(n: int, blocks) -> np.ndarray:
+    """One row per channel position: the concatenation of all its tied parameter entries.
+    Where one block holds several rows of the same channel (q and k rows of a fused qkv
+    Linear), each occurrence gets its own columns instead of overwriting the previous one."""
+    parts = []
+    for pos, feat in blocks:
+        ok = pos >= 0
+        pos, feat = pos[ok], feat[ok]
+        order = np.argsort(pos, kind="stable")
+        sorted_pos = pos[order]
+        starts = np.r_[0, np.nonzero(np.diff(sorted_pos))[0] + 1]
+        rank = np.empty(len(pos), dtype=np.int64)
+        run = np.arange(len(pos)) - np.repeat(starts, np.diff(np.r_[starts, len(pos)]))
+        rank[order] = run
+        for r in range(int(rank.max()) + 1 if len(rank) else 0):
+            sel = rank == r
+            block = np.zeros((n, feat.shape[1]), dtype=np.float32)
+            block[pos[sel]] = feat[sel]
+            parts.append(block)
+    return np.concatenate(parts, axis=1) if parts else np.zeros((n, 0), dtype=np.float32)
+
+
 def _similarity_weight(g, blocks) -> np.ndarray:
     """AMAP eq. 1-2: w_i = 1 + max over the other channels n of its head of |cos(i, n)|."""
     n = g.layout.size
-    width = sum(feat.shape[1] for _, feat in blocks)
+    f = _feature_matrix(n, blocks)
+    width = f.shape[1]
     if not width:
         return np.ones(n)
-    f = np.zeros((n, width), dtype=np.float32)
-    col = 0
-    for pos, feat in blocks:
-        ok = pos >= 0
-        f[pos[ok], col:col + feat.shape[1]] = feat[ok]
-        col += feat.shape[1]
     heads, size = g.layout.shape
     # torch, not numpy, for the products: mixing numpy's BLAS threads with torch's OpenMP
     # threads right after torch work oversubscribes the cores (seen: 40x slower)
@@ -126,15 +143,10 @@ def _similarity_weight(g, blocks) -> np.ndarray:
 def _median_distance(g, blocks) -> np.ndarray:
     """ToaSt: ||f_i - median_j f_j|| over the channels j of the same head."""
     n = g.layout.size
-    width = sum(feat.shape[1] for _, feat in blocks)
+    f = _feature_matrix(n, blocks)
+    width = f.shape[1]
     if not width:
         return np.ones(n)
-    f = np.zeros((n, width), dtype=np.float32)
-    col = 0
-    for pos, feat in blocks:
-        ok = pos >= 0
-        f[pos[ok], col:col + feat.shape[1]] = feat[ok]
-        col += feat.shape[1]
     ft = torch.from_numpy(f).reshape(g.layout.shape[0], g.layout.shape[1], width)
     median = ft.median(dim=1, keepdim=True).values
     return (ft - median).norm(dim=2).reshape(-1).double().numpy()

@@ -54,6 +54,9 @@ class Indicator(nn.Module):
     def keep(self) -> torch.Tensor:
         m_star = self.weighted()
         hard = (m_star < self.tau).to(m_star.dtype)
+        # every head keeps at least its best unit: a head (or group) is never emptied
+        best = m_star.detach().argmin(dim=1, keepdim=True)
+        hard = hard.scatter(1, best, 1.0)
         return hard + (m_star.detach() - m_star)  # value: hard; gradient to m*: -1
 
     def set_similarity(self, weight: torch.Tensor) -> None:

@@ -139,7 +139,13 @@ def search(model, train_loader, example_inputs, config: SearchConfig | None = No
     opt = torch.optim.AdamW([
         {"params": weights, "lr": config.lr, "weight_decay": config.weight_decay},
         {"params": ind_params, "lr": config.indicator_lr, "weight_decay": 0.0}])
-    total = config.epochs * max(1, len(train_loader))
+    try:
+        total = config.epochs * max(1, len(train_loader))
+    except TypeError:  # an iterable loader without a length: max_steps bounds the run
+        if not config.max_steps:
+            raise InputError(WHERE, "the data loader has no length",
+                             hint="pass max_steps=... to bound the search") from None
+        total = config.max_steps
     if config.max_steps:
         total = min(total, config.max_steps)
     base = [config.lr, config.indicator_lr]
@@ -267,7 +273,7 @@ def refine(result: SearchResult, train_loader, epochs: int = 30, *, reweight: bo
             step += 1
             if bar is not None:
                 bar.update(1)
-        rec = {"epoch": epoch, "loss": float(loss)}
+        rec = {"epoch": epoch, "loss": float(loss.detach())}
         if eval_loader is not None:
             rec["eval_acc"] = evaluate(model, eval_loader)
             model.train()

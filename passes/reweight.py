@@ -54,6 +54,9 @@ class ReweightModule(nn.Module):
         self.token_dims = token_dims
         self.register_buffer("index", index.long(), persistent=False)
 
+    def fxprune_macs(self, shapes) -> int:
+        return shapes[0][0] * self.fc.in_features * self.fc.out_features
+
     def forward(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         pooled = x.mean(dim=self.token_dims) if self.token_dims else x
         scale = 1.0 + torch.tanh(self.fc(pooled))
