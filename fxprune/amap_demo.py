@@ -199,16 +199,14 @@ def _run(out_dir, seed, dense_epochs, epochs, macs_ratio, rounds, verbose) -> di
         raise RuntimeError("the searched masks could not be sliced (the demo searches with "
                            "head synchronisation, so this is a bug)")
     acc_after = accuracy(pruned, data)
-    with warnings.catch_warnings():  # count_macs sees the reweight modules as opaque leaves
-        warnings.simplefilter("ignore", UserWarning)
-        pruned_macs = count_macs(pruned, x1)
+    pruned_macs = count_macs(pruned, x1)   # reweight modules included
     from .passes.reweight import ReweightModule
     rw_macs = sum(m.fc.in_features * m.fc.out_features for m in pruned.modules()
                   if isinstance(m, ReweightModule))
     say(f"refine:  {epochs} epochs in {t_refine:.1f} s (sliced, reweight modules on the queries)")
     say(f"pruned:  top-1 {acc_after:.2%}, {format_macs(pruned_macs)} MACs per image "
-        f"(ratio {pruned_macs / dense_macs:.3f}; + {format_macs(rw_macs)} in the reweight "
-        f"modules, which count_macs does not see)")
+        f"(ratio {pruned_macs / dense_macs:.3f}, of which {format_macs(rw_macs)} in the "
+        f"reweight modules)")
 
     rows = kept_channels(res)
     say("\nkept channels per layer:")

@@ -97,6 +97,7 @@ class Analysis:
     opaque: list[tuple[str, str]]
     group_of_channel: np.ndarray
     coupling_graph: nx.Graph
+    param_aliases: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     def __str__(self) -> str:
         from .report import analysis_table
@@ -145,7 +146,8 @@ def analyze(gm: torch.fx.GraphModule) -> Analysis:
     sites = _build_sites(gm, prop, comps, groups, group_of_channel)
     _add_members(gm, groups, comps, group_of_channel)
     analysis = Analysis(sites, groups, comps, prop.param_comps, prop.param_shapes,
-                        [(n.name, w) for n, w in prop.opaque], group_of_channel, graph)
+                        [(n.name, w) for n, w in prop.opaque], group_of_channel, graph,
+                        prop.param_aliases)
     gm.meta[ANALYSIS_KEY] = analysis
     return analysis
 
@@ -185,6 +187,7 @@ def _build_groups(prop: Propagator, comps: Components):
         graph.add_edges_from((int(a), int(b)) for a, b in edges if a != b)
     frozen = comps.frozen_reason
     v_marked = set(comps.marks.get("v", np.zeros(0, np.int64)).tolist())
+    residual = set(comps.marks.get("residual", np.zeros(0, np.int64)).tolist())
     source_channels = [(node, set(np.unique(comps.channel_of(lab)).tolist()))
                        for node, lab in prop.sources]
     groups: list[ChannelGroup] = []
@@ -204,7 +207,8 @@ def _build_groups(prop: Propagator, comps: Components):
             kind = "v"
         else:
             producers = [n for n, chs in source_channels if chs & chset]
-            kind = "mlp" if len(producers) == 1 else "embed"
+            added = bool(chset & residual)
+            kind = "embed" if added or not producers else "mlp"
         reason = next((frozen[c] for c in channels.tolist() if c in frozen), None)
         if reason is None and set(np.unique(layout).tolist()) != chset:
             reason = "channels are coupled with channels of another layout (not slicable as one)"

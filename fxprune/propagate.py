@@ -112,6 +112,17 @@ class Propagator:
         self.param_comps: dict[str, list[Comp]] = {}
         self.param_shapes: dict[str, tuple[int, ...]] = {}
         self.param_tv: dict[str, TV] = {}
+        self.factor_labels: dict[tuple[str, int], np.ndarray] = {}
+        self.param_aliases: dict[str, list[str]] = {}
+        self._canonical: dict[str, str] = {}
+        seen: dict[int, str] = {}
+        named = list(gm.named_parameters(remove_duplicate=False)) + list(
+            gm.named_buffers(remove_duplicate=False))
+        for pname, tensor in named:
+            # tied parameters (one tensor under several names) are one parameter here
+            first = seen.setdefault(id(tensor), pname)
+            self._canonical[pname] = first
+            self.param_aliases.setdefault(first, []).append(pname)
         self.sinks: list[Sink] = []
         self.sites: list[RawSite] = []
         self.site_of_head_label: dict[int, int] = {}
@@ -150,7 +161,9 @@ class Propagator:
         return _structure(node.meta.get("val"))
 
     def param_value(self, name: str) -> TV:
-        """TV of a parameter or buffer: one soft comp over its full shape (cached per name)."""
+        """TV of a parameter or buffer: one soft comp over its full shape (cached per tensor:
+        tied names share it)."""
+        name = self._canonical.get(name, name)
         tv = self.param_tv.get(name)
         if tv is None:
             tensor = _fetch_attr(self.gm, name)
@@ -176,14 +189,20 @@ class Propagator:
         for d, size in enumerate(tv.shape):
             if size <= 1:
                 continue
+            # one label vector per (parameter, dim), whatever the number of uses: a Linear
+            # called twice has the same rows and columns both times
+            key = (name, perm[d])
+            vec = self.factor_labels.get(key)
+            if vec is None:
+                vec = self.store.fresh((size,))
+                self.factor_labels[key] = vec
+                pshape = [1] * len(self.param_shapes[name])
+                pshape[perm[d]] = size
+                self.param_comps.setdefault(name, []).append(
+                    Comp(vec.reshape(pshape), (perm[d],), soft=True))
             shape = [1] * tv.ndim
             shape[d] = size
-            lab = self.store.fresh(tuple(shape))
-            comps.append(Comp(lab, (d,), soft=True))
-            pshape = [1] * len(self.param_shapes[name])
-            pshape[perm[d]] = size
-            self.param_comps.setdefault(name, []).append(
-                Comp(lab.reshape(pshape), (perm[d],), soft=True))
+            comps.append(Comp(vec.reshape(shape), (d,), soft=True))
         return TV(comps, tv.shape, soft=True, param=tv.param)
 
     def freeze(self, value, reason: str) -> None:
@@ -214,11 +233,22 @@ class Propagator:
                             lab = self.store.collapse(lab, d)
                             span.remove(d)
                     c = Comp(lab, tuple(span), True)
-                elif any(d in plain_dims for d in c.span):
-                    self.store.freeze(c.lab, "channels combined elementwise with a tensor that "
-                                      f"has no channel labels at {self.current.name}")
+                else:
+                    if c.soft:
+                        c = Comp(c.lab, c.span, False)
+                    if any(d in plain_dims for d in c.span):
+                        self.store.freeze(c.lab, "channels combined elementwise with a tensor "
+                                          f"that has no channel labels at {self.current.name}")
                 comps.append(c)
-        return TV(self._merge(comps), out_shape, soft=bool(tvs) and not hard)
+        merged = self._merge(comps)
+        target = self.current.target if self.current is not None else None
+        name = getattr(target, "_opname", None) or getattr(target, "__name__", target)
+        if len(hard) > 1 and name in ("add", "iadd", "add_", "sub", "isub"):
+            # two activations added channel by channel: a residual stream
+            for c in merged:
+                if not c.soft:
+                    self.store.mark(c.lab, "residual")
+        return TV(merged, out_shape, soft=bool(tvs) and not hard)
 
     def _merge(self, comps: list[Comp]) -> list[Comp]:
         out: list[Comp] = []
@@ -339,6 +369,8 @@ class Propagator:
         self._last_contraction = (hard_contracted, by_operand, fresh_heads)
         out_shape = tuple(sizes[ch] for ch in out_letters)
         soft = all(tv.soft for tv in tvs)
+        if not soft:  # a weight's row labels on an activation are activation channels
+            out_comps = [c if not c.soft else Comp(c.lab, c.span, False) for c in out_comps]
         return TV(out_comps, out_shape, soft=soft)
 
     def _to_letters(self, c: Comp, letters: str, out_letters: str, sizes) -> Comp:

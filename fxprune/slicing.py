@@ -162,7 +162,9 @@ def _set_attr(gm: nn.Module, name: str, value: torch.Tensor) -> None:
     for p in path:
         owner = getattr(owner, p)
     old = getattr(owner, leaf)
-    if isinstance(old, nn.Parameter):
+    if isinstance(value, nn.Parameter):
+        setattr(owner, leaf, value)
+    elif isinstance(old, nn.Parameter):
         setattr(owner, leaf, nn.Parameter(value, requires_grad=old.requires_grad))
     elif leaf in getattr(owner, "_buffers", {}):
         owner._buffers[leaf] = value
@@ -369,6 +371,7 @@ def apply_slice(gm: torch.fx.GraphModule, analysis, keep: dict[int, np.ndarray],
     """Slice ``gm`` in place for ``keep``; returns the plan (original parameter names)."""
     lab_keep = label_keep(analysis, keep)
     masks = param_masks(analysis, lab_keep)
+    aliases = getattr(analysis, "param_aliases", {}) or {}
     for name, mask in masks.items():
         *path, leaf = name.split(".")
         owner = gm
@@ -376,8 +379,13 @@ def apply_slice(gm: torch.fx.GraphModule, analysis, keep: dict[int, np.ndarray],
             owner = getattr(owner, p)
         tensor = getattr(owner, leaf)
         new = slice_tensor(tensor, mask)
-        _set_attr(gm, name, new)
+        if isinstance(tensor, nn.Parameter):
+            new = nn.Parameter(new, requires_grad=tensor.requires_grad)
+        for alias in aliases.get(name, [name]):  # tied names stay one tensor
+            _set_attr(gm, alias, new)
         changes.append(f"{name}: {tuple(tensor.shape)} -> {tuple(new.shape)}")
     _fix_module_attrs(gm)
     rewrite_constants(gm, analysis, lab_keep, changes)
-    return plan_from_masks(masks)
+    expanded = {alias: mask for name, mask in masks.items()
+                for alias in aliases.get(name, [name])}
+    return plan_from_masks(expanded)

@@ -213,6 +213,10 @@ def trace(model: Any, example_inputs: Any) -> torch.fx.GraphModule:
         if not isinstance(t, torch.Tensor):
             raise InputError(WHERE, f"example input {i} is a {type(t).__name__}, not a Tensor",
                              hint="pass tensors with the shape the model expects")
+        if t.numel() == 0:
+            raise InputError(WHERE, f"the example inputs have a zero-size dim (input {i} has "
+                             f"shape {tuple(t.shape)})",
+                             hint="pass at least one example (e.g. batch size 1)")
     exported_cls = getattr(torch.export, "ExportedProgram", None)
     if exported_cls is not None and isinstance(model, exported_cls):
         try:
@@ -243,7 +247,16 @@ def trace(model: Any, example_inputs: Any) -> torch.fx.GraphModule:
     propagate_shapes(gm, inputs)
     gm.meta["fxprune.traced_from"] = source
     gm.meta["fxprune.input_shapes"] = [tuple(t.shape) for t in inputs]
+    gm.meta["fxprune.input_dtypes"] = [t.dtype for t in inputs]
     return gm
+
+
+def example_zeros(gm: torch.fx.GraphModule) -> list[torch.Tensor]:
+    """Zero tensors shaped (and typed) like the example inputs ``gm`` was traced with, for
+    re-propagating shapes after a pass changed the graph."""
+    shapes = gm.meta.get("fxprune.input_shapes") or []
+    dtypes = gm.meta.get("fxprune.input_dtypes") or [torch.float32] * len(shapes)
+    return [torch.zeros(s, dtype=d) for s, d in zip(shapes, dtypes)]
 
 
 def _strip_export_guards(gm: torch.fx.GraphModule) -> None:

@@ -33,7 +33,7 @@ from fxprune.analysis import ANALYSIS_KEY, get_analysis
 from fxprune.errors import PlanError
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
 from fxprune.slicing import apply_slice
-from fxprune.tracing import propagate_shapes
+from fxprune.tracing import example_zeros, propagate_shapes
 
 from .insert_gates import GATES_KEY, gate_modules
 
@@ -89,7 +89,7 @@ class Slice(FxPass):
             for key in ("fxprune.comps", "fxprune.shape", "val"):
                 node.meta.pop(key, None)
         if shapes:
-            propagate_shapes(out, [torch.zeros(s) for s in shapes], where=self.name)
+            propagate_shapes(out, example_zeros(out), where=self.name)
         return PassResult(out, bool(plan), changes, {"plan": plan})
 
 

@@ -34,7 +34,7 @@ import torch.fx
 from fxprune.layout import reshape_groups
 from fxprune.oprules import op_name
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
-from fxprune.tracing import propagate_shapes
+from fxprune.tracing import example_zeros, propagate_shapes
 
 VIEW_OPS = {"view", "reshape", "_unsafe_view"}
 CHAIN_OPS = {"permute", "transpose", "contiguous"}
@@ -86,7 +86,7 @@ class SplitFusedHeads(FxPass):
             out.recompile()
             shapes = out.meta.get("fxprune.input_shapes")
             if shapes:
-                propagate_shapes(out, [torch.zeros(s) for s in shapes], where=self.name)
+                propagate_shapes(out, example_zeros(out), where=self.name)
         return PassResult(out, bool(changes), changes,
                           {"rewritten": len(changes), "refused": refused})
 

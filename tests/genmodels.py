@@ -38,6 +38,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from hypothesis import settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -99,6 +100,15 @@ class ViTSpec:
 
 # --------------------------------------------------------------------------------------------
 # Strategies.
+
+CI_PROFILE_EXAMPLES = 200  # max_examples of the "ci" hypothesis profile (tests/conftest.py)
+
+
+def budget(n: int) -> int:
+    """Examples for a property: ``n`` under the "ci" profile, scaled with the loaded profile's
+    max_examples (5 n under "slow"). Read when the test module is imported, i.e. after pytest
+    loaded the profile named by ``--hypothesis-profile``."""
+    return max(1, n * settings.default.max_examples // CI_PROFILE_EXAMPLES)
 
 
 @st.composite

@@ -19,28 +19,24 @@ deleting its branch there.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import event, given, settings
+from genmodels import NUM_CLASSES, BlockSpec, ViTSpec, budget, build, vit_specs
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxprune
 from exactness import gated_and_sliced, outputs, rel_err, zeroed_original
-from fxprune.errors import FxPruneError
+from fxprune.criteria import CRITERIA
+from fxprune.errors import FxPruneError, PlanError
 from fxprune.oneshot import plan as make_plan
-from genmodels import BlockSpec, ViTSpec, build, vit_specs
-
-CI_PROFILE_EXAMPLES = 200
-
-
-def budget(n: int) -> int:
-    """``n`` examples under the "ci" profile, scaled with the loaded profile's max_examples."""
-    return max(1, n * settings.default.max_examples // CI_PROFILE_EXAMPLES)
 
 
 def _known_issue(b: BlockSpec) -> set[str]:
@@ -48,26 +44,88 @@ def _known_issue(b: BlockSpec) -> set[str]:
     issues = set()
     if b.num_heads == 1 and not b.attn.startswith("sdpa"):
         issues.add("single_head_av")        # test_single_head_explicit_attention_finds_v
-    if b.mlp == "swiglu2":
-        issues.add("swiglu_two_linears")    # test_swiglu_with_two_linears_is_an_mlp_group
+    if b.num_heads == 1 and b.rel_pos:
+        issues.add("single_head_kind")      # test_single_head_bias_is_window_kind
     return issues
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The generated models are tiny: waking OpenMP threads costs more than their arithmetic
+    (10x on a busy 2-core machine), so this module runs single-threaded."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class _EinsumOuterProducts(TorchFunctionMode):
+    """FlopCounterMode counts what ``torch.einsum`` lowers to, and an einsum whose contracted
+    letters all have size 1 (an outer product, e.g. a head dim pruned to 1) lowers to a
+    broadcast multiply that counts 0, while the same product written as a matmul (K = 1) is
+    counted. This adds those products back: the product of all letter sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.macs = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.einsum:
+            equation, *operands = args
+            if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+                operands = list(operands[0])
+            lhs, _, rhs = equation.replace(" ", "").partition("->")
+            terms = lhs.split(",")
+            if len(terms) == 2 and "..." not in lhs and rhs:
+                sizes = {}
+                for term, op in zip(terms, operands):
+                    sizes.update(zip(term, op.shape))
+                contracted = set(sizes) - set(rhs)
+                if contracted and all(sizes[c] == 1 for c in contracted):
+                    self.macs += math.prod(sizes.values())
+        return func(*args, **(kwargs or {}))
 
 
 def reference_macs(model, x) -> int:
     """Independent count: FlopCounterMode FLOPs / 2, SDPA forced to the math path (the CPU
-    flash kernel has no flop formula)."""
-    counter = FlopCounterMode(display=False)
-    with counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+    flash kernel has no flop formula), plus the einsum outer products it cannot see."""
+    counter, outer = FlopCounterMode(display=False), _EinsumOuterProducts()
+    with counter, outer, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
         model(x)
     total = counter.get_total_flops()
     assert total % 2 == 0
-    return total // 2
+    return total // 2 + outer.macs
 
 
 def _linear_name(gm, node) -> str | None:
     if node is not None and node.op == "call_module":
         return str(node.target)
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# The generator itself: models run, trace, and have the shapes their truth claims
+
+
+@settings(max_examples=budget(50), deadline=None)
+@given(vit_specs())
+def test_generated_models_run_trace_and_match_their_truth(spec):
+    before = torch.random.get_rng_state()
+    model, x, truth = build(spec)
+    assert torch.equal(torch.random.get_rng_state(), before)  # seeded without the global RNG
+    with torch.no_grad():
+        y = model(x)
+        assert y.shape == (x.shape[0], NUM_CLASSES) and torch.isfinite(y).all()
+        gm = torch.fx.symbolic_trace(model)
+        torch.testing.assert_close(gm(x), y, rtol=0, atol=0)
+    for i, (b, site) in enumerate(zip(spec.blocks, truth["sites"])):
+        attn = model.blocks[i].attn
+        assert attn.proj.in_features == site["num_heads"] * site["v_head_dim"]
+        qk_rows = site["num_heads"] * site["qk_head_dim"]
+        q = attn.qkv if b.proj == "fused_qkv" else attn.q
+        assert q.out_features == (2 * qk_rows + attn.proj.in_features if b.proj == "fused_qkv"
+                                  else qk_rows)
+        assert model.blocks[i].mlp.fc2.in_features == truth["mlp_hidden"][i]
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,18 +155,25 @@ def check_analysis(spec: ViTSpec, model, x, truth) -> None:
                 assert np.array_equal(qk.layout[:, :half], qk.layout[:, half:]), qk.layout
             else:
                 assert qk.frozen.strip()
+        if "single_head_kind" not in issues and "single_head_av" not in issues:
+            assert site.kind == want["kind"], f"site {i}"
         if "single_head_av" in issues:
             continue
         assert site.v_head_dim == want["v_head_dim"], f"site {i}"
-        assert site.kind == want["kind"], f"site {i}"
         v = a.groups[site.v_group]
         assert v.kind == "v" and v.site == i and v.frozen is None, (v.kind, v.frozen)
         assert v.layout.shape == (want["num_heads"], want["v_head_dim"])
         assert _linear_name(gm, site.proj) == f"blocks.{i}.attn.proj"
-    mlp = [g for g in a.groups if g.kind == "mlp"]
-    want_mlp = [b.mlp_hidden for b in spec.blocks if "swiglu_two_linears" not in _known_issue(b)]
-    assert [g.size for g in mlp] == want_mlp
-    assert all(g.frozen is None for g in mlp), [g.frozen for g in mlp]
+    # each block's MLP hidden channels: one prunable "mlp" group contracted by its fc2
+    n_mlp = 0
+    for i, b in enumerate(spec.blocks):
+        issues = _known_issue(b)
+        n_mlp += "single_head_av" in issues  # v then looks like an MLP (Linear -> Linear)
+        fc2 = [g for g in a.groups if any(s.node.target == f"blocks.{i}.mlp.fc2"
+                                          for s in g.sinks)]
+        assert [(g.kind, g.size, g.frozen) for g in fc2] == [("mlp", b.mlp_hidden, None)]
+        n_mlp += 1
+    assert sum(g.kind == "mlp" for g in a.groups) == n_mlp
     embed = [g for g in a.groups if g.kind == "embed"]
     assert embed and all(g.frozen for g in embed)
 
@@ -125,15 +190,19 @@ def test_analysis_matches_truth(spec):
 
 
 @settings(max_examples=budget(200), deadline=None)
-@given(vit_specs(), st.floats(0.4, 0.95), st.sampled_from(["similarity", "l1", "random"]))
-def test_prune_is_exact_or_refused(spec, macs_ratio, criterion):
+@example(  # found by the slow profile: a head dim pruned to 1 makes an einsum an outer product
+    ViTSpec(embed=4, blocks=(BlockSpec(1, 2, 2, attn="einsum", mlp_hidden=2, qkv_bias=False),),
+            class_token=False), 0.5, "similarity", "channels", ())
+@given(vit_specs(), st.floats(0.4, 0.95), st.sampled_from(CRITERIA),
+       st.sampled_from(["channels", "channels", "whole"]), st.sampled_from([(), (), (0,)]))
+def test_prune_is_exact_or_refused(spec, macs_ratio, criterion, heads, dense_sites):
     model, x, truth = build(spec)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             pruned = fxprune.prune(model, x, macs_ratio=macs_ratio, criterion=criterion,
-                                   align=1)
+                                   align=1, heads=heads, dense_sites=dense_sites)
         except FxPruneError as exc:
             event(f"refused: {type(exc).__name__}")
             assert str(exc).strip()
@@ -143,6 +212,11 @@ def test_prune_is_exact_or_refused(spec, macs_ratio, criterion):
     if pruned is None:
         return
     plan = pruned.meta["fxprune.plan"]
+    for row in pruned.meta["fxprune.summary"]:
+        if "site" in row:
+            event(f"qk pruned: {row['qk_dim_after'] < row['qk_dim']}")
+            event(f"v pruned: {row['v_dim_after'] < row['v_dim']}")
+            event(f"heads removed: {row.get('heads_after', row['heads']) < row['heads']}")
     assert rel_err(outputs(pruned, x), outputs(zeroed_original(model, plan), x)) < 1e-4
     # frozen q/k (LayerNorm over the head dim) stays dense
     for i, b in enumerate(spec.blocks):
@@ -172,9 +246,9 @@ def random_masks(analysis, data) -> dict[int, np.ndarray]:
     count; positions sharing a channel id (rotary pairs, channels shared across heads) are kept
     or dropped together; groups shared across heads keep the same channels in every head."""
     masks = {}
-    for g in analysis.groups:
-        if not g.prunable or not data.draw(st.booleans(), label=f"prune group {g.index}"):
-            continue
+    prunable = [g for g in analysis.groups if g.prunable]
+    chosen = [g for g in prunable if data.draw(st.booleans(), label=f"prune group {g.index}")]
+    for g in chosen or prunable[:1]:
         layout = g.layout
         if g.shared_across_heads:
             ids = np.unique(layout)
@@ -198,12 +272,17 @@ def random_masks(analysis, data) -> dict[int, np.ndarray]:
 @given(vit_specs(), st.data())
 def test_gated_equals_sliced(spec, data):
     model, x, truth = build(spec)
-    decided = make_plan(model, x, macs_ratio=1.0, criterion="random", align=1)
+    try:
+        decided = make_plan(model, x, macs_ratio=1.0, criterion="random", align=1)
+    except PlanError as exc:  # every group frozen: nothing to mask
+        assert "no prunable" in str(exc)
+        event("nothing prunable")
+        return
     masks = random_masks(decided.analysis, data)
-    event(f"groups pruned: {min(len(masks), 4)}{'+' if len(masks) >= 4 else ''}")
+    for gi in masks:
+        g = decided.analysis.groups[gi]
+        event(f"masked: {g.kind}" + (" shared across heads" if g.shared_across_heads else ""))
     gated, sliced = gated_and_sliced(decided.graph_module, masks)
-    dense = outputs(decided.graph_module, x)
-    assert rel_err(outputs(gated, x), dense) >= 0  # the gated model runs
     assert rel_err(outputs(sliced, x), outputs(gated, x)) < 1e-5
 
 
@@ -237,9 +316,17 @@ def test_single_head_explicit_attention_finds_v():
     assert site.proj is not None
 
 
-@pytest.mark.xfail(strict=True, reason="SwiGLU with two Linears (timm SwiGLU fc1_g/fc1_x, "
-                   "LLaMA w1/w3): the hidden group has two producers, so the analysis calls it "
-                   "the residual stream ('embed') and freezes it")
+@pytest.mark.xfail(strict=True, reason="single-head attention with a learned bias on the "
+                   "scores: the bias table (R, 1) has no head dim, so the site is 'softmax' "
+                   "where the same model with 2 heads is 'window'")
+def test_single_head_bias_is_window_kind():
+    spec = ViTSpec(embed=8, blocks=(BlockSpec(1, 2, 2, attn="sdpa", rel_pos="table",
+                                              mlp_hidden=4),), class_token=False)
+    model, x, truth = build(spec)
+    a = fxprune.analyze(fxprune.trace(model, x))
+    assert [s.kind for s in a.attention] == ["window"]
+
+
 def test_swiglu_with_two_linears_is_an_mlp_group():
     spec = ViTSpec(embed=8, blocks=(BlockSpec(2, 2, 2, mlp="swiglu2", mlp_hidden=4),),
                    class_token=False)
