@@ -65,12 +65,15 @@ def _contraction(p: Propagator, node, a_arg, b_arg, la, lb, lo, *, arg_positions
             site.av_node, site.v, site.v_comp = node, kv[0], kv[1]
             site.fused = True
         p.sites.append(site)
+        p.score_site[node] = len(p.sites) - 1
         if fresh_heads is not None:
             for lab in np.unique(fresh_heads.lab):
                 p.site_of_head_label[int(lab)] = len(p.sites) - 1
     elif not by_operand and not a.soft and not b.soft:
         # contraction over a plain dim (tokens): attention @ value, or k^T @ v
         site_idx = _site_of(p, a)
+        if site_idx is None:  # one head: the scores carry no head labels; follow the graph
+            site_idx = _score_site_upstream(p, a_arg)
         carried_b = [c for c in b.comps if all(lb[d] in lo for d in c.span)]
         if site_idx is not None and carried_b and p.sites[site_idx].av_node is None:
             site = p.sites[site_idx]
@@ -82,6 +85,23 @@ def _contraction(p: Propagator, node, a_arg, b_arg, la, lb, lo, *, arg_positions
                 p.kv_origin[int(c.lab.ravel()[0])] = (b_arg, c)
                 p.store.mark(c.lab, "v")
     return out
+
+
+def _score_site_upstream(p, arg, steps: int = 8):
+    """The site whose q.k scores reach ``arg`` through elementwise ops (scale, bias, softmax,
+    dropout): how attention probabilities of a single head are tied to their site."""
+    cur = arg
+    for _ in range(steps):
+        if not isinstance(cur, torch.fx.Node):
+            return None
+        if cur in p.score_site:
+            return p.score_site[cur]
+        tensors = [a for a in cur.all_input_nodes if isinstance(p.value(a), TV)
+                   and not p.value(a).soft]
+        if len(tensors) != 1:
+            return None
+        cur = tensors[0]
+    return None
 
 
 def _kv_origin(p, comps):

@@ -129,6 +129,7 @@ class Propagator:
         self.sources: list[tuple[torch.fx.Node, np.ndarray]] = []  # Linear/conv rows per node
         self.opaque: list[tuple[torch.fx.Node, str]] = []
         self.kv_origin: dict[int, tuple] = {}
+        self.score_site: dict[torch.fx.Node, int] = {}
         self.current: torch.fx.Node | None = None
 
     # -- driver ---------------------------------------------------------------------------

@@ -42,8 +42,6 @@ from fxprune.oneshot import plan as make_plan
 def _known_issue(b: BlockSpec) -> set[str]:
     """What the analysis gets wrong today for block ``b`` (see the xfail tests below)."""
     issues = set()
-    if b.num_heads == 1 and not b.attn.startswith("sdpa"):
-        issues.add("single_head_av")        # test_single_head_explicit_attention_finds_v
     if b.num_heads == 1 and b.rel_pos:
         issues.add("single_head_kind")      # test_single_head_bias_is_window_kind
     return issues
@@ -155,10 +153,8 @@ def check_analysis(spec: ViTSpec, model, x, truth) -> None:
                 assert np.array_equal(qk.layout[:, :half], qk.layout[:, half:]), qk.layout
             else:
                 assert qk.frozen.strip()
-        if "single_head_kind" not in issues and "single_head_av" not in issues:
+        if "single_head_kind" not in issues:
             assert site.kind == want["kind"], f"site {i}"
-        if "single_head_av" in issues:
-            continue
         assert site.v_head_dim == want["v_head_dim"], f"site {i}"
         v = a.groups[site.v_group]
         assert v.kind == "v" and v.site == i and v.frozen is None, (v.kind, v.frozen)
@@ -168,7 +164,6 @@ def check_analysis(spec: ViTSpec, model, x, truth) -> None:
     n_mlp = 0
     for i, b in enumerate(spec.blocks):
         issues = _known_issue(b)
-        n_mlp += "single_head_av" in issues  # v then looks like an MLP (Linear -> Linear)
         fc2 = [g for g in a.groups if any(s.node.target == f"blocks.{i}.mlp.fc2"
                                           for s in g.sinks)]
         assert [(g.kind, g.size, g.frozen) for g in fc2] == [("mlp", b.mlp_hidden, None)]
@@ -301,10 +296,6 @@ def test_count_macs_matches_flop_counter(spec):
 # Shrunk failing examples (analysis bugs found by the properties), kept until fixed.
 
 
-@pytest.mark.xfail(strict=True, reason="single-head attention written as q @ k^T / einsum: "
-                   "attn @ v is not tied to the site (no head labels when H == 1), so "
-                   "v_head_dim is 0, the v group is an 'mlp' group and the kind ignores the "
-                   "per-head bias")
 def test_single_head_explicit_attention_finds_v():
     spec = ViTSpec(embed=8, blocks=(BlockSpec(1, 4, 2, proj="separate", attn="explicit_post",
                                               mlp="gelu", mlp_hidden=4),), class_token=False)
