@@ -150,11 +150,12 @@ def _head_scores(analysis, scores, site) -> np.ndarray:
 
 
 def allocate(gm, analysis, scores: dict[int, np.ndarray], target_macs: float,
-             dense_macs: float, align: int, whole_head_sites=()) -> dict:
+             dense_macs: float, align: int, whole_head_sites=(), paired_sites=()) -> dict:
     """Kept count per head for every scored group so that MACs land at or below target.
 
     Sites in ``whole_head_sites`` are pruned by whole heads instead (key ``("site", i)``:
-    kept head count), their q/k and v groups together."""
+    kept head count), their q/k and v groups together; sites in ``paired_sites`` keep the same
+    head dim for q/k and v (key ``("pair", i)``)."""
     cost_model = _CostModel(gm, analysis)
     state = {}
     heap = []
@@ -170,9 +171,30 @@ def allocate(gm, analysis, scores: dict[int, np.ndarray], target_macs: float,
         state[key] = {"steps": list(range(heads, 0, -1)), "i": 0, "ranked": ranked,
                       "cost": cost}
         heapq.heappush(heap, (_priority(state[key]), key))
+    for i in paired_sites:
+        site = analysis.attention[i]
+        qk, v = analysis.groups[site.qk_group], analysis.groups[site.v_group]
+        uq, uv = _units(qk, scores[qk.index]), _units(v, scores[v.index])
+        if uq.channels.shape != uv.channels.shape or uq.per_unit != uv.per_unit:
+            continue
+        steps = _steps(uq.channels.shape[1], uq.per_unit, align)
+        if len(steps) < 2:
+            continue
+        step = max(1, steps[0] - steps[1])
+        cost = cost_model.per_unit(qk, uq, step) + cost_model.per_unit(v, uv, step)
+        ranked = []
+        for units in (uq, uv):
+            r = np.sort(units.scores, axis=1)[:, ::-1].mean(axis=0)
+            ranked.append(r / max(float(r.mean()), 1e-12))
+        key = ("pair", i)
+        state[key] = {"steps": steps, "i": 0, "ranked": np.mean(ranked, axis=0), "cost": cost}
+        heapq.heappush(heap, (_priority(state[key]), key))
+    skip = {gi for key in state if not isinstance(key, int) for gi in (
+        analysis.attention[key[1]].qk_group, analysis.attention[key[1]].v_group)}
     for gi, score in scores.items():
-        if any(gi in (analysis.attention[i].qk_group, analysis.attention[i].v_group)
-               for i in whole_head_sites):
+        if gi in skip or any(gi in (analysis.attention[i].qk_group,
+                                    analysis.attention[i].v_group)
+                             for i in whole_head_sites):
             continue
         g = analysis.groups[gi]
         units = _units(g, score)
@@ -188,8 +210,8 @@ def allocate(gm, analysis, scores: dict[int, np.ndarray], target_macs: float,
         state[gi] = {"steps": steps, "i": 0, "ranked": ranked, "cost": cost}
         heapq.heappush(heap, (_priority(state[gi]), gi))
     macs = float(dense_macs)
-    heap = [(p, 0 if isinstance(k, int) else 1, k if isinstance(k, int) else k[1], k)
-            for p, k in heap]
+    heap = [(p, 0 if isinstance(k, int) else 1, k if isinstance(k, int) else k[1],
+             str(k), k) for p, k in heap]
     heapq.heapify(heap)
     while macs > target_macs and heap:
         *_, gi = heapq.heappop(heap)
@@ -199,7 +221,8 @@ def allocate(gm, analysis, scores: dict[int, np.ndarray], target_macs: float,
         st["i"] += 1
         if st["i"] + 1 < len(st["steps"]):
             order = 0 if isinstance(gi, int) else 1
-            heapq.heappush(heap, (_priority(st), order, gi if order == 0 else gi[1], gi))
+            heapq.heappush(heap, (_priority(st), order, gi if order == 0 else gi[1], str(gi),
+                                  gi))
     return {gi: st["steps"][st["i"]] for gi, st in state.items()}  # kept units per head
 
 
@@ -214,7 +237,11 @@ def keep_masks(analysis, scores, kept: dict[int, int]) -> dict[int, np.ndarray]:
     """Binary keep masks (heads, size) from scores and kept unit counts: every head keeps its
     own top units (the same ones in every head where channels are shared across heads)."""
     masks = {}
-    for gi, k in kept.items():
+    for gi, k in list(kept.items()):
+        if not isinstance(gi, int) and gi[0] == "pair":
+            site = analysis.attention[gi[1]]
+            masks.update(keep_masks(analysis, scores, {site.qk_group: k, site.v_group: k}))
+            continue
         if not isinstance(gi, int):  # whole heads of a site
             site = analysis.attention[gi[1]]
             if k >= site.num_heads:
@@ -250,7 +277,8 @@ class PrunePlan:
 
 def plan(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "similarity",
          align: int = 8, seed: int = 0, prepare: bool = True,
-         dense_sites: tuple[int, ...] = (), heads: str = "channels") -> PrunePlan:
+         dense_sites: tuple[int, ...] = (), heads: str = "channels",
+         match_qk_v: bool | None = None) -> PrunePlan:
     """Decide what to prune without slicing (see :func:`prune` for the arguments).
 
     Example:
@@ -288,14 +316,20 @@ def plan(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simil
                       if s.qk_group in ids and s.v_group in ids
                       and not analysis.groups[s.qk_group].shared_across_heads
                       and not analysis.groups[s.v_group].shared_across_heads)
-    kept = allocate(gm, analysis, scores, float(macs_ratio) * dense, dense, align, whole)
+    ids = {g.index for g in prunable}
+    paired = tuple(s.index for s in analysis.attention
+                   if s.index not in whole and s.qk_group in ids and s.v_group in ids
+                   and (match_qk_v if match_qk_v is not None else s.uses_sdpa))
+    kept = allocate(gm, analysis, scores, float(macs_ratio) * dense, dense, align, whole,
+                    paired)
     masks = keep_masks(analysis, scores, kept)
     return PrunePlan(gm, analysis, scores, kept, masks, dense)
 
 
 def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "similarity",
           align: int = 8, seed: int = 0, prepare: bool = True,
-          dense_sites: tuple[int, ...] = (), heads: str = "channels") -> torch.fx.GraphModule:
+          dense_sites: tuple[int, ...] = (), heads: str = "channels",
+          match_qk_v: bool | None = None) -> torch.fx.GraphModule:
     """One-shot structured pruning of ``model`` to ``macs_ratio`` of its MACs.
 
     ``criterion`` is ``"similarity"`` (AMAP eq. 1-3 with weight magnitude), ``"l1"``,
@@ -303,7 +337,10 @@ def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simi
     V with independent masks); ``align`` rounds every kept count per head (and MLP width) to
     a multiple; ``dense_sites`` lists attention sites left dense (ToaSt leaves block 0 dense:
     ``dense_sites=(0,)``); ``heads="whole"`` removes whole heads (head dim kept) instead of
-    channels inside heads, for comparison.
+    channels inside heads, for comparison. ``match_qk_v`` makes q/k and v of a site keep the
+    same head dim; by default it does so where the graph calls SDPA, whose fast CPU/GPU kernels
+    need equal head dims (with different ones it falls back to a slower path and a pruned model
+    can be slower than the dense one); ``False`` lets Q/K and V keep different head dims.
     Returns a smaller ``torch.fx.GraphModule``; ``pruned.meta["fxprune.plan"]`` maps every
     sliced parameter of the ORIGINAL model to ``{dim: kept indices}``, and
     ``pruned.meta["fxprune.macs_ratio"]`` is the ratio reached. Frozen groups stay dense. When
@@ -320,7 +357,7 @@ def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simi
     from .passes.slice import Slice
 
     decided = plan(model, example_inputs, macs_ratio, criterion, align, seed, prepare,
-                   dense_sites, heads)
+                   dense_sites, heads, match_qk_v)
     gm, analysis, masks, dense = (decided.graph_module, decided.analysis, decided.masks,
                                   decided.dense_macs)
     result = Slice(keep=masks, inplace=True)(gm) if masks else None
