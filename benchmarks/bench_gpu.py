@@ -72,6 +72,21 @@ def _dist_version(name: str) -> str | None:
         return None
 
 
+def git_revision() -> str | None:
+    """The checkout's commit (``+dirty`` when fxprune/ or passes/ have local changes)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                             capture_output=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fxprune", "passes"],
+                               cwd=root, text=True, capture_output=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (rev + ("+dirty" if dirty.strip() else "")) or None
+
+
 def _err(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}"
     return text if len(text) < 2000 else text[:2000] + " ..."
@@ -501,7 +516,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None
                                                           else sys.argv[1:])),
         "environment": {
-            "python": platform.python_version(), "torch": torch.__version__,
+            "fxprune_git": git_revision(), "python": platform.python_version(),
+            "torch": torch.__version__,
             "timm": timm.__version__, "fxprune": _dist_version("fxprune"),
             "torch_pruning": tp_version, "device": str(device), "device_name": device_name,
             "cuda": torch.version.cuda, "host_cpu": cpu_name(), "cpu_count": os.cpu_count(),

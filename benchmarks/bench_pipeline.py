@@ -37,19 +37,29 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "pipeline.json"
 TARGETS = {"trace+analyze": 1.0, "trace+analyze+prune": 3.0}
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_speed import OtherLoad  # noqa: E402  (sibling script)
+
+LOAD = OtherLoad()
+
+
 def timed(fn: Callable, repeats: int) -> dict:
     """One untimed warm-up call, then ``repeats`` timed calls: median and all runs of the wall
-    time (s), and the median of this process's CPU time (user + system, all threads; on a
-    machine shared with other work it shows how much of the wall time was waiting)."""
+    time (s), the median of this process's CPU time (user + system, all threads), and the CPU
+    share other processes took meanwhile (on a machine shared with other work these show how
+    much of the wall time was waiting)."""
     fn()
-    runs, cpu = [], []
+    runs, cpu, other = [], [], []
     for _ in range(repeats):
+        snap = LOAD.start()
         c0, t0 = time.process_time(), time.perf_counter()
         fn()
         runs.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
+        share = LOAD.share(snap)
+        other.append(None if share is None else round(share, 3))
     return {"median": statistics.median(runs), "runs": runs,
-            "cpu_median": statistics.median(cpu)}
+            "cpu_median": statistics.median(cpu), "other_load": other}
 
 
 def cpu_name() -> str:
@@ -69,6 +79,21 @@ def _dist_version(name: str) -> str | None:
         return version(name)
     except Exception:
         return None
+
+
+def git_revision() -> str | None:
+    """The checkout's commit (``+dirty`` when fxprune/ or passes/ have local changes)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                             capture_output=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fxprune", "passes"],
+                               cwd=root, text=True, capture_output=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (rev + ("+dirty" if dirty.strip() else "")) or None
 
 
 def _model(name: str):
@@ -140,6 +165,11 @@ def bench_prune(name: str, repeats: int, ratio: float, align: int) -> dict:
     return row
 
 
+def _loads(t: dict) -> str:
+    vals = [v for v in t.get("other_load", []) if v is not None]
+    return ", ".join(f"{v:.0%}" for v in vals) if vals else "-"
+
+
 def markdown(doc: dict) -> str:
     def med(d, key):
         v = d.get(key)
@@ -149,23 +179,23 @@ def markdown(doc: dict) -> str:
     env = doc["environment"]
     lines = [f"CPU {env['cpu']} ({env['cpu_count']} cores), {env['threads']} torch threads, "
              f"batch-1 example input; median of {doc['repeats']} runs after one warm-up.", "",
-             "| figure | model | median wall (s) | runs (s) | process CPU (s) | target (s) "
-             "| met |",
-             "|---|---|---:|---|---:|---:|---|"]
+             "| figure | model | median wall (s) | runs (s) | process CPU (s) "
+             "| other load | target (s) | met |",
+             "|---|---|---:|---|---:|---|---:|---|"]
     for key, row in (("trace+analyze", a), ("trace+analyze+prune", p)):
         t = row[f"{key}_s"]
         lines.append(f"| {key} | {row['model']} | {t['median']:.3f} "
                      f"| {', '.join(f'{r:.2f}' for r in t['runs'])} | {t['cpu_median']:.3f} "
-                     f"| {TARGETS[key]:.1f} "
+                     f"| {_loads(t)} | {TARGETS[key]:.1f} "
                      f"| {'yes' if t['median'] < TARGETS[key] else 'NO'} |")
     if "torch_pruning_build_dependency_s" in a:
         t = a["torch_pruning_build_dependency_s"]
         lines.append(f"| Torch-Pruning build_dependency | {a['model']} | {t['median']:.3f} "
                      f"| {', '.join(f'{r:.2f}' for r in t['runs'])} | {t['cpu_median']:.3f} "
-                     "| - | - |")
+                     f"| {_loads(t)} | - | - |")
     elif "torch_pruning_error" in a:
         lines.append(f"| Torch-Pruning build_dependency | {a['model']} | failed | "
-                     f"{a['torch_pruning_error']} | - | - | - |")
+                     f"{a['torch_pruning_error']} | - | - | - | - |")
     lines += ["", "Stages (median s):", "",
               "| model | trace | analyze (traced graph) | copy+prepare | plan | prune |",
               "|---|---:|---:|---:|---:|---:|",
@@ -221,14 +251,17 @@ def main(argv: list[str] | None = None) -> int:
         load_after = [round(v, 2) for v in os.getloadavg()]
     except OSError:
         load_after = None
-    notes.append(f"load average before/after: {load_before} / {load_after} (shared machine).")
+    notes.append(f"load average before/after: {load_before} / {load_after} (shared machine); "
+                 "other load = CPU share other processes used during each timed run "
+                 "(/proc/stat minus this process).")
     doc = {
         "benchmark": "pipeline",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None
                                                           else sys.argv[1:])),
         "environment": {
-            "python": platform.python_version(), "torch": torch.__version__,
+            "fxprune_git": git_revision(), "python": platform.python_version(),
+            "torch": torch.__version__,
             "timm": timm.__version__, "fxprune": _dist_version("fxprune"),
             "torch_pruning": tp_version, "cpu": cpu_name(), "threads": args.threads,
             "cpu_count": os.cpu_count(), "device": "cpu",

@@ -7,12 +7,18 @@ threads (default 2). Measurements are INTERLEAVED: every round runs each variant
 times, variants in a rotated order, so a burst of load from another process hits every variant
 alike. Reported per variant:
 
-* ``ms_per_batch``: median over rounds of the per-round median;
+* ``ms_per_batch``: median over rounds of the per-round time (the fastest of the round's
+  ``--iters`` calls, which drops calls that lost their cores to another process);
 * ``ideal_speedup``: ``1 / macs_ratio`` (the MACs ratio the pruned model actually reached,
   ``pruned.meta["fxprune.macs_ratio"]``);
 * ``speedup``: the median over rounds of ``dense_round_time / variant_round_time`` (each ratio
   taken from measurements seconds apart), and ``speedup_of_medians`` for comparison;
-* ``efficiency``: ``speedup / ideal_speedup``.
+* ``speedup_of_best``: dense's fastest round / the variant's fastest round (the least disturbed
+  measurement of each: the better estimate when many rounds were contended);
+* ``efficiency`` / ``efficiency_of_best``: the speedups divided by ``ideal_speedup``;
+* ``other_load``: per round, the CPU share other processes used while the variant ran
+  (``/proc/stat`` minus this process); ``speedup_quiet``: the paired median over the rounds in
+  which both dense and the variant ran with other load < 10% (``quiet_rounds`` of them).
 
 A ``dense-fx`` variant (``fxprune.prune(model, x, macs_ratio=1.0)``: the model traced and
 run through the preparation passes, nothing removed) separates the cost of the graph rewrite
@@ -42,6 +48,7 @@ import warnings
 from pathlib import Path
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "cpu_speed.json"
+QUIET = 0.10  # other processes' share of the machine's CPU below which a round is quiet
 
 
 def cpu_name() -> str:
@@ -63,11 +70,59 @@ def _dist_version(name: str) -> str | None:
         return None
 
 
+def git_revision() -> str | None:
+    """The checkout's commit (``+dirty`` when fxprune/ or passes/ have local changes)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                             capture_output=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fxprune", "passes"],
+                               cwd=root, text=True, capture_output=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (rev + ("+dirty" if dirty.strip() else "")) or None
+
+
 def loadavg() -> list[float] | None:
     try:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:
         return None
+
+
+class OtherLoad:
+    """CPU time used by OTHER processes during a measurement, as a share of the machine
+    (``/proc/stat`` busy time of all CPUs, steal included, minus this process's own CPU time).
+    ``None`` where ``/proc/stat`` is not readable."""
+
+    def __init__(self):
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.ncpu = os.cpu_count() or 1
+
+    def _busy(self) -> float | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        # user nice system idle iowait irq softirq steal ...
+        return (sum(fields[:3]) + sum(fields[5:8])) / self.hz
+
+    def start(self):
+        t = os.times()
+        return self._busy(), t.user + t.system, time.perf_counter()
+
+    def share(self, snap) -> float | None:
+        busy0, own0, wall0 = snap
+        busy1 = self._busy()
+        if busy0 is None or busy1 is None:
+            return None
+        t = os.times()
+        wall = time.perf_counter() - wall0
+        other = (busy1 - busy0) - (t.user + t.system - own0)
+        return max(0.0, other) / max(wall * self.ncpu, 1e-9)
 
 
 def widths(pruned) -> dict:
@@ -128,8 +183,13 @@ def build_variants(args) -> tuple[list[dict], object]:
     return variants, x
 
 
-def measure(variants: list[dict], x, rounds: int, iters: int, warmup: int) -> None:
-    """Interleaved timing; fills ``v["round_s"]`` (per-round median seconds per batch)."""
+def measure(variants: list[dict], x, rounds: int, iters: int, warmup: int,
+            until_quiet: int = 0, max_rounds: int = 0) -> int:
+    """Interleaved timing; fills ``v["round_s"]`` (per round, the fastest of the ``iters``
+    calls: on a machine shared with other work a call that lost its cores to another process
+    is an outlier, not a measurement) and ``v["calls_s"]`` (every call). After ``rounds``
+    rounds, goes on while fewer than ``until_quiet`` rounds were quiet for every variant (up to
+    ``max_rounds``). Returns the number of rounds run."""
     import torch
 
     with torch.inference_mode():
@@ -141,32 +201,58 @@ def measure(variants: list[dict], x, rounds: int, iters: int, warmup: int) -> No
             if out is not None and tuple(out.shape) != tuple(ref.shape):
                 raise RuntimeError(f"{v['name']}: output shape {tuple(out.shape)} != dense "
                                    f"{tuple(ref.shape)}")
-            v["round_s"] = []
+            v["round_s"], v["calls_s"], v["other_load"] = [], [], []
         n = len(variants)
-        for r in range(rounds):
+        load = OtherLoad()
+        r = quiet_rounds = 0
+        while r < rounds or (quiet_rounds < until_quiet and r < max(rounds, max_rounds)):
             order = [variants[(r + i) % n] for i in range(n)]
             for v in order:
                 times = []
+                snap = load.start()
                 for _ in range(iters):
                     t0 = time.perf_counter()
                     v["module"](x)
                     times.append(time.perf_counter() - t0)
-                v["round_s"].append(statistics.median(times))
+                share = load.share(snap)
+                v["round_s"].append(min(times))
+                v["calls_s"].append(times)
+                v["other_load"].append(None if share is None else round(share, 3))
+            shares = [v["other_load"][-1] for v in variants]
+            quiet_rounds += all(sh is not None and sh < QUIET for sh in shares)
+            r += 1
+    return r
 
 
 def summarize(variants: list[dict], batch: int) -> None:
     dense = variants[0]["round_s"]
     d_med = statistics.median(dense)
+    d_best = min(dense)
     for v in variants:
         med = statistics.median(v["round_s"])
+        best = min(v["round_s"])
         v["ms_per_batch"] = med * 1e3
+        v["best_ms_per_batch"] = best * 1e3
         v["images_per_s"] = batch / med
         v["ideal_speedup"] = 1.0 / v["macs_ratio"]
         paired = [d / t for d, t in zip(dense, v["round_s"])]
         v["speedup_per_round"] = paired
         v["speedup"] = statistics.median(paired)
         v["speedup_of_medians"] = d_med / med
+        v["speedup_of_best"] = d_best / best
         v["efficiency"] = v["speedup"] / v["ideal_speedup"]
+        v["efficiency_of_best"] = v["speedup_of_best"] / v["ideal_speedup"]
+        # a round is quiet when other processes used < QUIET of the machine's CPU while both
+        # dense and this variant ran in it (with 2 threads on 2 cores, one busy core stalls
+        # every parallel op of ours)
+        quiet = [i for i, (a, b) in enumerate(zip(variants[0]["other_load"], v["other_load"]))
+                 if a is not None and b is not None and a < QUIET and b < QUIET]
+        v["quiet_rounds"] = len(quiet)
+        v["speedup_quiet"] = statistics.median(paired[i] for i in quiet) if quiet else None
+        v["efficiency_quiet"] = (v["speedup_quiet"] / v["ideal_speedup"]
+                                 if quiet else None)
+        loads = [s for s in v["other_load"] if s is not None]
+        v["other_load_median"] = statistics.median(loads) if loads else None
 
 
 def profile(variants: list[dict], x, iters: int, top: int = 8) -> None:
@@ -194,19 +280,25 @@ def markdown(doc: dict) -> str:
     cfg = doc["config"]
     lines = [f"{cfg['model']}, batch {cfg['batch']}, {cfg['img_size']}px, fp32, "
              f"{env['threads']} threads on {env['cpu']} ({env['cpu_count']} cores); "
-             f"{cfg['rounds']} interleaved rounds x {cfg['iters']} iters, medians.", "",
-             "| variant | align | MACs ratio | ideal speedup | ms / batch | img/s "
-             "| speedup (paired median) | speedup (of medians) | realized / ideal "
-             "| q/k != v head-dim sites |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"{cfg['rounds']} interleaved rounds x {cfg['iters']} calls (round time: fastest "
+             "call; median over rounds).", "",
+             "| variant | align | MACs ratio | ideal speedup | ms / batch (median) "
+             "| ms / batch (best) | speedup (paired median) | realized / ideal "
+             "| speedup (quiet rounds) | speedup (of best) | speedup (of medians) "
+             "| other load (median) | q/k != v head-dim sites |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for v in doc["results"]:
         w = v.get("widths")
         ne = f"{w['sites_qk_ne_v']}/{w['sites']}" if w else "-"
+        quiet = (f"{v['speedup_quiet']:.2f}x ({v['quiet_rounds']}/{len(v['round_s'])})"
+                 if v["speedup_quiet"] is not None else f"- (0/{len(v['round_s'])})")
+        load = f"{v['other_load_median']:.0%}" if v["other_load_median"] is not None else "-"
         lines.append(
             f"| {v['name']} | {v['align'] or '-'} | {v['macs_ratio']:.3f} "
-            f"| {v['ideal_speedup']:.2f}x | {v['ms_per_batch']:.1f} | {v['images_per_s']:.1f} "
-            f"| {v['speedup']:.2f}x | {v['speedup_of_medians']:.2f}x "
-            f"| {v['efficiency']:.0%} | {ne} |")
+            f"| {v['ideal_speedup']:.2f}x | {v['ms_per_batch']:.1f} "
+            f"| {v['best_ms_per_batch']:.1f} | {v['speedup']:.2f}x | {v['efficiency']:.0%} "
+            f"| {quiet} | {v['speedup_of_best']:.2f}x | {v['speedup_of_medians']:.2f}x "
+            f"| {load} | {ne} |")
     if any("profile_top_ops" in v for v in doc["results"]):
         lines += ["", "Top operators (torch.profiler; its overhead inflates absolute times, "
                   "so shares are shown):"]
@@ -228,9 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.7], help="macs_ratio")
     parser.add_argument("--aligns", type=int, nargs="+", default=[8, 1], help="align values")
     parser.add_argument("--criterion", default="similarity")
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median)")
-    parser.add_argument("--iters", type=int, default=3, help="forward calls per variant/round")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (median)")
+    parser.add_argument("--iters", type=int, default=2, help="forward calls per variant/round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per variant")
+    parser.add_argument("--until-quiet", type=int, default=0, metavar="K",
+                        help="after --rounds, keep going until K rounds were quiet for every "
+                             "variant (other processes < 10%% CPU), up to --max-rounds")
+    parser.add_argument("--max-rounds", type=int, default=80)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-fx-dense", action="store_true",
@@ -254,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"timing {len(variants)} variants, {args.rounds} rounds ...", file=sys.stderr,
           flush=True)
     t0 = time.perf_counter()
-    measure(variants, x, args.rounds, args.iters, args.warmup)
+    rounds = measure(variants, x, args.rounds, args.iters, args.warmup, args.until_quiet,
+                     args.max_rounds)
     wall = time.perf_counter() - t0
     summarize(variants, args.batch)
     if args.profile:
@@ -263,7 +360,13 @@ def main(argv: list[str] | None = None) -> int:
     notes = [
         "ideal speedup = 1 / MACs ratio reached (fxprune.count_macs: matmul MACs only; "
         "norms, softmax, GELU, adds and copies are not in the MACs model).",
-        "speedup = median over rounds of dense/variant time measured in the same round.",
+        "speedup (paired median) = median over rounds of dense/variant time measured in the "
+        "same round (round time = fastest of its calls); speedup (of best) = dense's fastest "
+        "round / the variant's fastest round, the least disturbed measurement of each.",
+        f"other load: CPU used by other processes while a variant ran, as a share of the "
+        f"machine (/proc/stat minus this process); quiet rounds: both dense and the variant "
+        f"ran with other load < {QUIET:.0%}. On a machine shared with other work the quiet-round "
+        "and best-round figures are the least disturbed estimates.",
         f"load average before/after timing: {load_before} / {loadavg()} (shared machine).",
     ]
     doc = {
@@ -272,13 +375,15 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None
                                                           else sys.argv[1:])),
         "environment": {
-            "python": platform.python_version(), "torch": torch.__version__,
+            "fxprune_git": git_revision(), "python": platform.python_version(),
+            "torch": torch.__version__,
             "timm": timm.__version__, "fxprune": _dist_version("fxprune"), "cpu": cpu_name(),
             "threads": args.threads, "cpu_count": os.cpu_count(), "device": "cpu",
         },
         "config": {"model": args.model, "batch": args.batch, "img_size": x.shape[-1],
                    "dtype": "float32", "ratios": args.ratios, "aligns": args.aligns,
-                   "criterion": args.criterion, "rounds": args.rounds, "iters": args.iters,
+                   "criterion": args.criterion, "rounds": rounds, "iters": args.iters,
+                   "min_rounds": args.rounds, "until_quiet": args.until_quiet,
                    "warmup": args.warmup, "timing_wall_s": wall},
         "results": [{k: v for k, v in var.items() if k != "module"} for var in variants],
         "notes": notes,

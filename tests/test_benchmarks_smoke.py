@@ -53,7 +53,8 @@ def test_bench_speed_tiny(tmp_path):
     assert names == ["dense", "dense-fx", "pruned-0.7-a8"]
     for row in doc["results"]:
         check_timed_row(row)
-        assert len(row["round_s"]) == 1
+        assert len(row["round_s"]) == len(row["other_load"]) == 1
+        assert row["speedup_of_best"] > 0 and "speedup_quiet" in row
     dense = doc["results"][0]
     assert dense["speedup"] == pytest.approx(1.0)
     for row in doc["results"][2:]:
