@@ -56,7 +56,6 @@ class InsertGates(FxPass):
     def run(self, gm: torch.fx.GraphModule) -> PassResult:
         out = gm if self.options.inplace else copy_graph_module(gm)
         analysis = get_analysis(out, self.name)
-        node_by_name = {n.name: n for n in out.graph.nodes}
         wanted = self.options.groups
         gates: dict[int, list[str]] = {}
         changes = []
@@ -65,34 +64,45 @@ class InsertGates(FxPass):
                 continue
             values = GateValues(g.index, g.layout.shape[0], g.layout.shape[1])
             position = {int(c): i for i, c in enumerate(g.layout.ravel())}
-            sinks = [s for s in g.sinks if s.kind in ("qk",)] or list(g.sinks)
-            for j, sink in enumerate(sinks):
-                node = node_by_name[sink.node.name]
-                lab = sink.comp.lab
-                ch = analysis.components.channel_of(lab)
-                index = np.vectorize(position.__getitem__, otypes=[np.int64])(ch)
-                operand = node.args[sink.arg] if isinstance(sink.arg, int) else \
-                    node.kwargs[sink.arg]
-                nd = len(operand.meta["fxprune.shape"])
-                index = index.reshape((1,) * (nd - index.ndim) + index.shape)
-                mod_name = f"fxprune_gate_g{g.index}_{j}"
-                out.add_submodule(mod_name, ChannelGate(g.index, *g.layout.shape,
-                                                        torch.from_numpy(index), values))
-                with out.graph.inserting_before(node):
-                    gate_node = out.graph.call_module(mod_name, (operand,))
-                gate_node.meta.update({k: v for k, v in operand.meta.items()
-                                       if k in ("val", "fxprune.shape", "fxprune.comps")})
-                if isinstance(sink.arg, int):
-                    args = list(node.args)
-                    args[sink.arg] = gate_node
-                    node.args = tuple(args)
-                else:
-                    node.kwargs = {**node.kwargs, sink.arg: gate_node}
-                gates.setdefault(g.index, []).append(mod_name)
-                changes.append(f"gate on group {g.index} ({g.kind}) before {node.name}")
+            names = gate_sinks(out, analysis, g, position, f"fxprune_gate_g{g.index}",
+                               lambda index, g=g, values=values: ChannelGate(
+                                   g.index, *g.layout.shape, index, values))
+            gates[g.index] = [name for name, _ in names]
+            changes += [f"gate on group {g.index} ({g.kind}) before {n}" for _, n in names]
         out.meta[GATES_KEY] = gates
         out.recompile()
         return PassResult(out, bool(gates), changes, {"gates": gates})
+
+
+def gate_sinks(out: torch.fx.GraphModule, analysis, group, position: dict[int, int],
+               prefix: str, make_module) -> list[str]:
+    """Insert ``make_module(index)`` before every sink of ``group`` (only on q for q.k
+    products), where ``index`` maps each channel position of the gated operand to
+    ``position[channel id]``; returns ``[(inserted module name, gated node name)]``."""
+    node_by_name = {n.name: n for n in out.graph.nodes}
+    sinks = [s for s in group.sinks if s.kind == "qk"] or list(group.sinks)
+    names = []
+    for j, sink in enumerate(sinks):
+        node = node_by_name[sink.node.name]
+        ch = analysis.components.channel_of(sink.comp.lab)
+        index = np.vectorize(position.__getitem__, otypes=[np.int64])(ch)
+        operand = node.args[sink.arg] if isinstance(sink.arg, int) else node.kwargs[sink.arg]
+        nd = len(operand.meta["fxprune.shape"])
+        index = index.reshape((1,) * (nd - index.ndim) + index.shape)
+        name = f"{prefix}_{j}"
+        out.add_submodule(name, make_module(torch.from_numpy(index)))
+        with out.graph.inserting_before(node):
+            gate_node = out.graph.call_module(name, (operand,))
+        gate_node.meta.update({k: v for k, v in operand.meta.items()
+                               if k in ("val", "fxprune.shape", "fxprune.comps")})
+        if isinstance(sink.arg, int):
+            args = list(node.args)
+            args[sink.arg] = gate_node
+            node.args = tuple(args)
+        else:
+            node.kwargs = {**node.kwargs, sink.arg: gate_node}
+        names.append((name, node.name))
+    return names
 
 
 def gate_modules(gm: torch.fx.GraphModule) -> dict[int, ChannelGate]:

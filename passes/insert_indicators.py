@@ -32,6 +32,8 @@ from fxprune.errors import PassOrderError
 from fxprune.indicators import Indicator, IndicatorGate
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
 
+from .insert_gates import gate_sinks
+
 INDICATORS_KEY = "fxprune.indicators"
 
 
@@ -59,7 +61,6 @@ class InsertIndicators(FxPass):
 
         out = gm if self.options.inplace else copy_graph_module(gm)
         analysis = get_analysis(out, self.name)
-        node_by_name = {n.name: n for n in out.graph.nodes}
         indicators: dict[int, str] = {}
         changes, n_sites = [], 0
         for g in analysis.groups:
@@ -72,29 +73,10 @@ class InsertIndicators(FxPass):
             ind_name = f"fxprune_indicator_g{g.index}"
             out.add_submodule(ind_name, ind)
             indicators[g.index] = ind_name
-            sinks = [s for s in g.sinks if s.kind == "qk"] or list(g.sinks)
-            for j, sink in enumerate(sinks):
-                node = node_by_name[sink.node.name]
-                ch = analysis.components.channel_of(sink.comp.lab)
-                index = np.vectorize(unit_of.__getitem__, otypes=[np.int64])(ch)
-                operand = node.args[sink.arg] if isinstance(sink.arg, int) else \
-                    node.kwargs[sink.arg]
-                nd = len(operand.meta["fxprune.shape"])
-                index = index.reshape((1,) * (nd - index.ndim) + index.shape)
-                gate_name = f"fxprune_indgate_g{g.index}_{j}"
-                out.add_submodule(gate_name, IndicatorGate(ind, torch.from_numpy(index)))
-                with out.graph.inserting_before(node):
-                    gate_node = out.graph.call_module(gate_name, (operand,))
-                gate_node.meta.update({k: v for k, v in operand.meta.items()
-                                       if k in ("val", "fxprune.shape", "fxprune.comps")})
-                if isinstance(sink.arg, int):
-                    args = list(node.args)
-                    args[sink.arg] = gate_node
-                    node.args = tuple(args)
-                else:
-                    node.kwargs = {**node.kwargs, sink.arg: gate_node}
-                n_sites += 1
-                changes.append(f"indicator of group {g.index} ({g.kind}) before {node.name}")
+            names = gate_sinks(out, analysis, g, unit_of, f"fxprune_indgate_g{g.index}",
+                               lambda index, ind=ind: IndicatorGate(ind, index))
+            n_sites += len(names)
+            changes += [f"indicator of group {g.index} ({g.kind}) before {n}" for _, n in names]
         out.meta[INDICATORS_KEY] = indicators
         out.recompile()
         return PassResult(out, bool(indicators), changes,
