@@ -44,18 +44,10 @@ import sys
 import time
 from pathlib import Path
 
+from _env import cpu_name  # noqa: E402
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "gated_step.json"
 TARGET = 1.2
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _version(name: str) -> str | None:

@@ -46,46 +46,14 @@ import time
 import warnings
 from pathlib import Path
 
+from _env import cpu_name, dist_version, git_revision  # noqa: E402
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "gpu.json"
 DEFAULT_MODELS = ["deit_base_patch16_224", "swin_base_patch4_window7_224"]
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _dist_version(name: str) -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version(name)
-    except Exception:
-        return None
-
-
-def git_revision() -> str | None:
-    """The checkout's commit (``+dirty`` when fxprune/ or passes/ have local changes)."""
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
-                             capture_output=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fxprune", "passes"],
-                               cwd=root, text=True, capture_output=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (rev + ("+dirty" if dirty.strip() else "")) or None
-
 
 def _err(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}"
@@ -494,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_torch_pruning:
         try:
             import torch_pruning as tp
-            tp_version = _dist_version("torch-pruning") or getattr(tp, "__version__", None)
+            tp_version = dist_version("torch-pruning") or getattr(tp, "__version__", None)
             notes.append(f"Torch-Pruning {tp_version}: MetaPruner, GroupMagnitudeImportance(p=2)"
                          ", global_pruning=True, num_heads from each qkv, head dims pruned, "
                          "round_to = align, pruning_ratio searched to the same MACs.")
@@ -518,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         "environment": {
             "fxprune_git": git_revision(), "python": platform.python_version(),
             "torch": torch.__version__,
-            "timm": timm.__version__, "fxprune": _dist_version("fxprune"),
+            "timm": timm.__version__, "fxprune": dist_version("fxprune"),
             "torch_pruning": tp_version, "device": str(device), "device_name": device_name,
             "cuda": torch.version.cuda, "host_cpu": cpu_name(), "cpu_count": os.cpu_count(),
         },

@@ -38,6 +38,7 @@ TARGETS = {"trace+analyze": 1.0, "trace+analyze+prune": 3.0}
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import cpu_name, dist_version, git_revision  # noqa: E402
 from bench_speed import OtherLoad  # noqa: E402  (sibling script)
 
 LOAD = OtherLoad()
@@ -60,40 +61,6 @@ def timed(fn: Callable, repeats: int) -> dict:
         other.append(None if share is None else round(share, 3))
     return {"median": statistics.median(runs), "runs": runs,
             "cpu_median": statistics.median(cpu), "other_load": other}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _dist_version(name: str) -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version(name)
-    except Exception:
-        return None
-
-
-def git_revision() -> str | None:
-    """The checkout's commit (``+dirty`` when fxprune/ or passes/ have local changes)."""
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
-                             capture_output=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fxprune", "passes"],
-                               cwd=root, text=True, capture_output=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (rev + ("+dirty" if dirty.strip() else "")) or None
 
 
 def _model(name: str):
@@ -234,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_torch_pruning:
         try:
             import torch_pruning as tp
-            tp_version = _dist_version("torch-pruning") or getattr(tp, "__version__", None)
+            tp_version = dist_version("torch-pruning") or getattr(tp, "__version__", None)
             notes.append(f"Torch-Pruning {tp_version}: DependencyGraph().build_dependency(model, "
                          "example_inputs=x) on the same ViT-L model and input, same run.")
         except Exception as exc:
@@ -262,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "environment": {
             "fxprune_git": git_revision(), "python": platform.python_version(),
             "torch": torch.__version__,
-            "timm": timm.__version__, "fxprune": _dist_version("fxprune"),
+            "timm": timm.__version__, "fxprune": dist_version("fxprune"),
             "torch_pruning": tp_version, "cpu": cpu_name(), "threads": args.threads,
             "cpu_count": os.cpu_count(), "device": "cpu",
         },

@@ -47,42 +47,10 @@ import time
 import warnings
 from pathlib import Path
 
+from _env import cpu_name, dist_version, git_revision  # noqa: E402
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "cpu_speed.json"
 QUIET = 0.10  # other processes' share of the machine's CPU below which a round is quiet
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _dist_version(name: str) -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version(name)
-    except Exception:
-        return None
-
-
-def git_revision() -> str | None:
-    """The checkout's commit (``+dirty`` when fxprune/ or passes/ have local changes)."""
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
-                             capture_output=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fxprune", "passes"],
-                               cwd=root, text=True, capture_output=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (rev + ("+dirty" if dirty.strip() else "")) or None
 
 
 def loadavg() -> list[float] | None:
@@ -377,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         "environment": {
             "fxprune_git": git_revision(), "python": platform.python_version(),
             "torch": torch.__version__,
-            "timm": timm.__version__, "fxprune": _dist_version("fxprune"), "cpu": cpu_name(),
+            "timm": timm.__version__, "fxprune": dist_version("fxprune"), "cpu": cpu_name(),
             "threads": args.threads, "cpu_count": os.cpu_count(), "device": "cpu",
         },
         "config": {"model": args.model, "batch": args.batch, "img_size": x.shape[-1],
