@@ -165,7 +165,12 @@ def _layout(comp_lab: np.ndarray, span, comps: Components) -> np.ndarray:
     if ch.ndim == 2:
         heads = comps.head_of(lab)
         if len(np.unique(heads[:, 0])) == 1 and len(np.unique(heads[0, :])) > 1:
-            ch = ch.T  # head index varies along the second dim
+            ch, lab = ch.T, lab.T  # head index varies along the second dim
+        # heads folded into the batch dim carry copies of the same labels once per batch
+        # item: one row per head (heads that merely share channels have distinct labels)
+        _, first = np.unique(lab, axis=0, return_index=True)
+        if len(first) < lab.shape[0]:
+            ch = ch[np.sort(first)]
         return ch
     return ch.reshape(1, -1)
 
@@ -234,7 +239,7 @@ def _build_sites(gm, prop: Propagator, comps: Components, groups, group_of_chann
     for cs in prop.param_comps.values():
         for c in cs:
             param_channels[comps.channel[c.lab.ravel()]] = True
-    for raw in prop.sites:
+    for raw in _distinct_sites(prop.sites, comps, group_of_channel):
         q_layout = _layout(raw.q_comp.lab, raw.q_comp.span, comps)
         qk_group = _group_at(q_layout, group_of_channel)
         v_group = None
@@ -278,6 +283,17 @@ def _build_sites(gm, prop: Propagator, comps: Components, groups, group_of_chann
     for g in groups:
         g.index = idx[id(g)]
     return sites
+
+
+def _distinct_sites(raw_sites, comps: Components, group_of_channel) -> list:
+    """Drop q.k products that only normalise. Linear attention contracts q with k twice (with
+    ``k^T v`` and with the normaliser's mean of k); the product that carries v is the site,
+    the other is one more place where the group's channels are consumed. Sites that each
+    carry v (tied weights across blocks) all stay."""
+    group_of = [_group_at(_layout(r.q_comp.lab, r.q_comp.span, comps), group_of_channel)
+                for r in raw_sites]
+    with_v = {g for g, r in zip(group_of, raw_sites) if g is not None and r.v_comp is not None}
+    return [r for g, r in zip(group_of, raw_sites) if r.v_comp is not None or g not in with_v]
 
 
 def _order_groups(groups: list[ChannelGroup]) -> None:

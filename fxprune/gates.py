@@ -33,6 +33,25 @@ class GateValues(nn.Module):
         return self.values.detach() > 0.5
 
 
+def batch_period(index: torch.Tensor) -> int:
+    """Smallest period of ``index`` along dim 0 (1 when it does not vary there). Heads folded
+    into the batch dim (``B*h``) give an index that repeats every ``h`` entries; the gate then
+    tiles that period to whatever batch size it sees."""
+    n = index.shape[0] if index.ndim else 1
+    for p in range(1, n + 1):
+        if n % p == 0 and torch.equal(index, index[:p].repeat(n // p, *([1] * (index.ndim - 1)))):
+            return p
+    return n
+
+
+def fit_index(index: torch.Tensor, period: int, x: torch.Tensor) -> torch.Tensor:
+    """``index`` with its dim 0 tiled to ``x``'s when channels ride on a folded batch dim."""
+    if index.ndim and index.shape[0] > 1 and index.shape[0] != x.shape[0]:
+        base = index[:period]
+        return base.repeat(x.shape[0] // period, *([1] * (index.ndim - 1)))
+    return index
+
+
 class ChannelGate(nn.Module):
     """``x * values.flatten()[index]``: ``index`` maps each channel position of ``x`` (shape
     broadcastable to ``x``) to its entry of the group's gate values."""
@@ -43,6 +62,7 @@ class ChannelGate(nn.Module):
         self.group = group
         self.gate_values = values if values is not None else GateValues(group, num_heads, size)
         self.register_buffer("index", index.long(), persistent=False)
+        self.period = batch_period(self.index)
 
     @property
     def values(self) -> nn.Parameter:
@@ -53,4 +73,5 @@ class ChannelGate(nn.Module):
             self.values.copy_(keep.to(self.values.dtype).reshape(self.values.shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.values.reshape(-1)[self.index].to(x.dtype)
+        index = fit_index(self.index, self.period, x)
+        return x * self.values.reshape(-1)[index].to(x.dtype)

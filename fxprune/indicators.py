@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .gates import batch_period, fit_index
+
 
 class Indicator(nn.Module):
     """Learnable pruning scores of one group, shape (heads, units per head)."""
@@ -71,6 +73,8 @@ class IndicatorGate(nn.Module):
         super().__init__()
         self.indicator = indicator
         self.register_buffer("unit_index", unit_index.long(), persistent=False)
+        self.period = batch_period(self.unit_index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.indicator.keep().reshape(-1)[self.unit_index].to(x.dtype)
+        index = fit_index(self.unit_index, self.period, x)
+        return x * self.indicator.keep().reshape(-1)[index].to(x.dtype)

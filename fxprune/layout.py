@@ -84,6 +84,21 @@ def reshape_comp(comp: Comp, in_shape, out_shape) -> tuple[Comp, bool]:
     return Comp(np.ascontiguousarray(lab).reshape(new_shape), tuple(new_span), comp.soft), mixed
 
 
+def drop_constant_dims(comp: Comp) -> Comp:
+    """Drop span dims along which every label is the same id: a channel dim merged into a plain
+    dim and split off again carries copies of one label there, so it is a plain dim again."""
+    lab = comp.lab
+    span = []
+    for d in comp.span:
+        if lab.shape[d] > 1 and (lab == np.take(lab, [0], axis=d)).all():
+            lab = np.take(lab, [0], axis=d)
+        else:
+            span.append(d)
+    if len(span) == len(comp.span):
+        return comp
+    return Comp(lab, tuple(span), comp.soft)
+
+
 def permute_comp(comp: Comp, perm) -> Comp:
     inv = {old: new for new, old in enumerate(perm)}
     return Comp(np.transpose(comp.lab, perm), tuple(sorted(inv[d] for d in comp.span)), comp.soft)

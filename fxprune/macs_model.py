@@ -8,8 +8,11 @@ The per-unit saving is measured once on the graph (:class:`fxprune.oneshot._Cost
     MACs(keep) = dense - sum_g saving_g * (removed units of g) / heads_g
 
 and ``keep`` may be soft or straight-through binary. For softmax and window attention this is
-exact: it equals ``count_macs`` of the sliced model (tested). Linear attention has a
-k-by-v product, bilinear in the two groups; there the model is a first-order approximation.
+exact: it equals ``count_macs`` of the sliced model (tested). Linear attention's products
+``k^T v`` and ``q (k^T v)`` cost ``c * d_k * d_v`` per head (eq. 9), bilinear in the q/k and v
+groups: the affine savings, measured from the dense model, count the removed
+``d_k``-by-``d_v`` block twice, so ``c * sum_h removed_k[h] * removed_v[h]`` is added back and
+the model stays exact there too.
 
 Example:
     >>> import torch, fxprune
@@ -48,12 +51,17 @@ class MacsModel(torch.nn.Module):
             heads = units.channels.shape[0]
             # saving per unit removed in ONE head (the cost model removes one unit per head)
             self.saving[g.index] = cost.per_unit(g, units, 1) / heads
+        self.bilinear = _bilinear_terms(gm, analysis, self.units)
 
     def forward(self, keep: dict[int, torch.Tensor]) -> torch.Tensor:
         macs = torch.tensor(self.dense)
         for g, k in keep.items():
             if g in self.saving:
                 macs = macs - self.saving[g] * (k.numel() - k.sum())
+        for gk, gv, coef in self.bilinear:
+            if gk in keep and gv in keep:
+                macs = macs + coef * (_removed_per_head(keep[gk], self.units[gk]) *
+                                      _removed_per_head(keep[gv], self.units[gv])).sum()
         return macs
 
     def minimum(self, min_units_per_head: int = 1) -> float:
@@ -63,3 +71,42 @@ class MacsModel(torch.nn.Module):
             heads, n = units.channels.shape
             macs -= self.saving[g] * heads * max(0, n - min_units_per_head)
         return macs
+
+
+def _removed_per_head(keep: torch.Tensor, units) -> torch.Tensor:
+    """Channels removed in each head (a group shared by all heads removes the same in each)."""
+    return (keep.shape[1] - keep.sum(dim=1)) * units.per_unit
+
+
+def _bilinear_terms(gm, analysis, units) -> list[tuple[int, int, float]]:
+    """``(qk group, v group, c)`` per linear-attention site: c = MACs of ``q (k^T v)`` and
+    ``k^T v`` per head and per (q/k channel, v channel) pair."""
+    from .macs import node_macs
+
+    terms = []
+    for s in analysis.attention:
+        if s.kind != "linear" or s.qk_group not in units or s.v_group not in units:
+            continue
+        kv = _kv_product(s.av_node, s.k, s.v)
+        products = [s.av_node] + ([kv] if kv is not None else [])
+        pairs = s.num_heads * s.qk_head_dim * s.v_head_dim
+        if pairs:
+            terms.append((s.qk_group, s.v_group,
+                          sum(node_macs(n, gm) for n in products) / pairs))
+    return terms
+
+
+def _kv_product(av, k, v):
+    """The ``k^T v`` node feeding ``av`` (possibly behind a scale or a reshape)."""
+    seen, frontier = set(), list(av.all_input_nodes)
+    for _ in range(4):
+        nxt = []
+        for n in frontier:
+            if n in seen:
+                continue
+            seen.add(n)
+            if k in n.all_input_nodes and v in n.all_input_nodes:
+                return n
+            nxt += n.all_input_nodes
+        frontier = nxt
+    return None

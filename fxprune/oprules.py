@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from . import layout
 from .labels import Comp
-from .propagate import LETTERS, TV, Propagator, RawSite, _align, _fetch_attr, _shape
+from .propagate import LETTERS, TV, Propagator, RawSite, Sink, _align, _fetch_attr, _shape
 
 POINTWISE = {
     "add", "sub", "rsub", "mul", "div", "truediv", "floordiv", "pow", "neg", "exp", "log",
@@ -45,7 +45,8 @@ RESHAPE = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "view_as",
            "_reshape_alias"}
 PERMUTE = {"permute", "transpose", "t", "swapaxes", "swapdims", "movedim", "numpy_T"}
 REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "var", "std", "norm", "logsumexp", "prod",
-          "argmax", "argmin", "all", "any", "var_mean", "std_mean", "linalg_vector_norm"}
+          "argmax", "argmin", "all", "any", "var_mean", "std_mean", "linalg_vector_norm",
+          "linalg_norm", "nansum"}
 NONTENSOR = {"getattr", "size", "dim", "numel", "_assert", "_assert_is_none", "sym_size",
              "sym_numel", "_assert_scalar", "sym_constrain_range_for_size", "_log_api_usage_once"}
 SOFTMAX = {"softmax", "log_softmax", "_softmax", "_log_softmax", "_safe_softmax"}
@@ -218,6 +219,10 @@ def _pointwise_lazy_ok(p, node):
 
 
 def _reshape(p: Propagator, node) -> Any:
+    """View-like reshape. A channel dim merged with a plain dim (heads folded into the batch,
+    ``(B, h) -> B*h``) keeps its labels as copies along the merged dim: every position still
+    knows its channel, so what the merged dim meets later is judged by the ops there (a
+    depthwise conv shared by the folded heads ties channel ``j`` of every head)."""
     x = p.tv(node.args[0])
     out_shape = _out_shape(node)
     if x is None:
@@ -225,15 +230,12 @@ def _reshape(p: Propagator, node) -> Any:
     comps = []
     for c in x.comps:
         try:
-            nc, mixed = layout.reshape_comp(c, x.shape, out_shape)
+            nc, _mixed = layout.reshape_comp(c, x.shape, out_shape)
         except ValueError:
             p.store.freeze(c.lab, f"reshape {x.shape} -> {out_shape} cannot be aligned at "
                            f"{node.name}")
             continue
-        if mixed and not x.soft:
-            p.store.freeze(c.lab, f"a channel dim is merged with a batch/token dim by reshape "
-                           f"at {node.name}")
-        comps.append(nc)
+        comps.append(layout.drop_constant_dims(nc))
     return TV(comps, out_shape, x.soft, None)
 
 
@@ -268,13 +270,43 @@ def _permute(p: Propagator, node, name) -> Any:
     return TV([layout.permute_comp(c, perm) for c in x.comps], shape, x.soft)
 
 
+# reductions with an order argument before ``dim``: (input, p/ord, dim, keepdim)
+_NORMS = {"norm", "linalg_vector_norm", "linalg_norm"}
+
+
+def _reduce_args(node, name):
+    """``(dims, keepdim, order)`` of a reduction node, whatever the call form."""
+    if name in _NORMS:
+        order = _arg(node, 1, "ord" if name != "norm" else "p", None)
+        return _arg(node, 2, "dim"), bool(_arg(node, 3, "keepdim", False)), order
+    if name in ("var", "std", "var_mean", "std_mean") and len(node.args) > 3:
+        return node.args[1], bool(node.args[3]), None
+    return _arg(node, 1, "dim"), bool(_arg(node, 2, "keepdim", False)), None
+
+
+def _zero_safe(name: str, order) -> bool:
+    """A reduction whose result ignores entries that are exactly zero: masking its input
+    equals removing those entries (sum, p-norms with p > 0)."""
+    if name in ("sum", "nansum"):
+        return True
+    if name in _NORMS:
+        if order is None or order == "fro":
+            return True
+        return isinstance(order, (int, float)) and order > 0
+    return False
+
+
 def _reduce(p: Propagator, node, name) -> Any:
+    """Reductions. One over all of a comp's channel dims that ignores zeros (a sum, a norm, as
+    in focused linear attention's norm over all channels) is a sink: gating its input equals
+    removing the channels. Any other reduction over channels freezes them."""
     x = p.tv(node.args[0])
     val = node.meta.get("val")
     if x is None:
         return p.unlabeled_like(node)
-    dims = _arg(node, 1, "dim")
-    keepdim = bool(_arg(node, 2, "keepdim", False))
+    dims, keepdim, order = _reduce_args(node, name)
+    if isinstance(dims, torch.fx.Node) or isinstance(order, torch.fx.Node):
+        return _pointwise(p, node)  # torch.max(a, b) and friends are elementwise
     if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
         dims = list(range(x.ndim))
     dims = [dims] if isinstance(dims, int) else list(dims)
@@ -282,7 +314,10 @@ def _reduce(p: Propagator, node, name) -> Any:
     comps = []
     for c in x.comps:
         if set(c.span) & set(dims):
-            p.store.freeze(c.lab, f"{name} reduces over channels at {node.name}")
+            if not x.soft and set(c.span) <= set(dims) and _zero_safe(name, order):
+                p.sinks.append(Sink(node, 0, c, "reduce"))
+            else:
+                p.store.freeze(c.lab, f"{name} reduces over channels at {node.name}")
             continue
         comps.append(c if keepdim else layout.squeeze_comp(
             Comp(c.lab, c.span, c.soft), dims))
@@ -367,13 +402,16 @@ def _conv(p: Propagator, node, x_arg, w: TV | None, b: TV | None, groups: int) -
     elif groups == cin and w.shape[0] == cin:
         wf = p.factor_param(w) if w.param is not None else w
         rows = [c for c in wf.comps if c.span == (0,)]
-        chan = [c for c in x.comps if c.span == (1,)]
+        # a comp may also span dim 0 when heads are folded into the batch: the conv is then
+        # shared by the heads and ties channel j of every head to its row j
+        chan = [c for c in x.comps if 1 in c.span and set(c.span) <= {0, 1}]
         comps = []
         if rows:
             r = rows[0].lab.reshape(1, -1)
             if chan:
-                p.store.union(chan[0].lab.reshape(1, -1), r)
-                comps = [Comp(chan[0].lab.reshape(1, -1), (1,), x.soft)]
+                lab = chan[0].lab.reshape(chan[0].lab.shape[:2])
+                p.store.union(lab, r)
+                comps = [Comp(lab, chan[0].span, x.soft)]
             else:
                 comps = [Comp(r, (1,), True)]
         head = TV(comps, (x.shape[0], cin), x.soft)

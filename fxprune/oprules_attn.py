@@ -63,6 +63,7 @@ def _contraction(p: Propagator, node, a_arg, b_arg, la, lb, lo, *, arg_positions
         kv = _kv_origin(p, carried_b)
         if kv is not None:  # q @ (k^T v): linear attention
             site.av_node, site.v, site.v_comp = node, kv[0], kv[1]
+            site.k = kv[2]  # the k of k^T v, not the product
             site.fused = True
         p.sites.append(site)
         p.score_site[node] = len(p.sites) - 1
@@ -82,7 +83,7 @@ def _contraction(p: Propagator, node, a_arg, b_arg, la, lb, lo, *, arg_positions
             p.store.mark(site.v_comp.lab, "v")
         elif a.comps and b.comps:
             for c in b.comps:
-                p.kv_origin[int(c.lab.ravel()[0])] = (b_arg, c)
+                p.kv_origin[int(c.lab.ravel()[0])] = (b_arg, c, a_arg)
                 p.store.mark(c.lab, "v")
     return out
 

@@ -341,7 +341,8 @@ class Propagator:
             ch in {operands[i][1][d] for d in c.span} for i, c in contracted_comps)]
         if span_batch:
             shape = [sizes[ch] if ch in span_batch else 1 for ch in out_letters]
-            fresh_heads = Comp(self.store.fresh(tuple(shape)),
+            fresh_heads = Comp(self._head_labels(contracted_comps, operands, span_batch,
+                                                 out_letters, shape),
                                tuple(d for d, ch in enumerate(out_letters) if ch in span_batch))
             for i, c in contracted_comps:
                 self._head_rel(c, fresh_heads, operands[i][1], out_letters)
@@ -373,6 +374,25 @@ class Propagator:
         if not soft:  # a weight's row labels on an activation are activation channels
             out_comps = [c if not c.soft else Comp(c.lab, c.span, False) for c in out_comps]
         return TV(out_comps, out_shape, soft=soft)
+
+    def _head_labels(self, contracted_comps, operands, span_batch, out_letters, shape):
+        """Fresh head labels over the batch letters that carry channels (the heads). Where the
+        channels repeat along them (heads folded into the batch dim: one copy per batch item)
+        the head labels repeat the same way, so the copies stay one head."""
+        for i, c in contracted_comps:
+            letters = operands[i][1]
+            span_letters = {letters[d] for d in c.span}
+            if not set(span_batch) <= span_letters:
+                continue
+            index = [slice(None) if letters[d] in span_batch else 0 for d in range(c.lab.ndim)]
+            key = c.lab[tuple(index)]
+            kept = [letters[d] for d in range(c.lab.ndim) if letters[d] in span_batch]
+            order = [kept.index(ch) for ch in out_letters if ch in span_batch]
+            key = np.transpose(key, order) if key.ndim > 1 else key
+            _, inverse = np.unique(key, return_inverse=True)
+            return self.store.fresh((int(inverse.max()) + 1,))[inverse.reshape(-1)].reshape(
+                shape)
+        return self.store.fresh(tuple(shape))
 
     def _to_letters(self, c: Comp, letters: str, out_letters: str, sizes) -> Comp:
         span_letters = [letters[d] for d in c.span]

@@ -53,6 +53,8 @@ class SearchConfig:
     similarity: bool = True
     sync: bool = True
     similarity_every: int = 10
+    linear_init: bool = True        # eq. 5-6 start for linear-attention q/k groups
+    linear_init_batches: int = 4
     seed: int = 0
     progress: bool = True
     max_steps: int | None = None
@@ -66,6 +68,7 @@ class SearchResult:
     history: list[dict]
     config: SearchConfig
     macs_ratio: float                       # of the masked model, from the MACs model
+    linear_init: dict = dataclasses.field(default_factory=dict)  # group -> "scored" or why not
 
 
 def _first_batch(loader, example, where):
@@ -127,9 +130,14 @@ def search(model, train_loader, example_inputs, config: SearchConfig | None = No
                         f"unit per head in every prunable group still costs {lowest:.3f} of "
                         "the dense MACs (frozen groups stay dense)",
                         hint=f"use macs_ratio >= {math.ceil(lowest * 100) / 100}")
+    init_scores, init_report = {}, {}
+    if config.linear_init:
+        init_scores, init_report = _linear_init_scores(gm, analysis, train_loader, config)
     gated = InsertIndicators(tau=config.tau, similarity=config.similarity, sync=config.sync,
                              inplace=True)(gm).graph_module
     indicators = indicator_modules(gated)
+    if init_scores:
+        _start_from_scores(gated, analysis, indicators, init_scores, config)
     train_module = gated
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         train_module = nn.parallel.DistributedDataParallel(gated)
@@ -164,9 +172,9 @@ def search(model, train_loader, example_inputs, config: SearchConfig | None = No
             if config.similarity and step % config.similarity_every == 0:
                 refresh_similarity(gated, analysis, indicators)
             frac = 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
+            floor = config.lr_min / config.lr if config.lr > 0 else 0.0  # lr=0 freezes weights
             for group, lr0 in zip(opt.param_groups, base):
-                group["lr"] = config.lr_min / config.lr * lr0 + (
-                    lr0 - config.lr_min / config.lr * lr0) * frac
+                group["lr"] = floor * lr0 + (lr0 - floor * lr0) * frac
             out = train_module(x)
             task = loss_fn(out, y)
             keep = {g: ind.keep() for g, ind in indicators.items()}
@@ -197,7 +205,38 @@ def search(model, train_loader, example_inputs, config: SearchConfig | None = No
     masks = masks_from_indicators(gated, analysis)
     with torch.no_grad():
         final = float(macs_model({g: ind.keep() for g, ind in indicators.items()}))
-    return SearchResult(gated, analysis, masks, history, config, final / macs_model.dense)
+    return SearchResult(gated, analysis, masks, history, config, final / macs_model.dense,
+                        init_report)
+
+
+def _linear_init_scores(gm, analysis, loader, config):
+    """Eq. 5-6 scores of linear-attention q/k groups from the first batches of ``loader``."""
+    import itertools
+
+    from .linear_init import linear_attention_scores
+
+    batches = itertools.islice(iter(loader), max(1, config.linear_init_batches))
+    scores, skipped = linear_attention_scores(gm, analysis, batches)
+    report = {g: "scored" for g in scores}
+    report.update({g: f"default start (zeros): {why}" for g, why in skipped.items()})
+    return scores, report
+
+
+def _start_from_scores(gated, analysis, indicators, scores, config) -> None:
+    """``m = 0.9 * tau * score / w``: the weighted score ``m*`` starts below tau for every
+    unit, so the search starts from the dense model with the ranking of eq. 6."""
+    from .linear_init import INIT_FRACTION
+    from .oneshot import _units
+
+    if config.similarity:
+        refresh_similarity(gated, analysis, {g: indicators[g] for g in scores})
+    for gi, score in scores.items():
+        ind = indicators[gi]
+        units = _units(analysis.groups[gi], score.reshape(analysis.groups[gi].layout.shape))
+        w = ind.w if config.similarity else torch.ones_like(ind.w)
+        start = INIT_FRACTION * config.tau * torch.as_tensor(units.scores, dtype=torch.float32)
+        with torch.no_grad():
+            ind.m.copy_(start.reshape(ind.m.shape) / w)
 
 
 def _progress(total, enabled):

@@ -247,7 +247,18 @@ def _rewrite_shape_args(node, name, lab_keep, changes) -> None:
     changed = False
     for d, (o, n) in enumerate(zip(old, shape_new)):
         if o != n and not (isinstance(seq[d], int) and seq[d] == -1):
-            seq[d] = int(n)
+            # a size computed in the graph (``B * heads`` with heads folded into the batch)
+            # becomes -1, so the batch size stays free; one -1 at most
+            if isinstance(seq[d], torch.fx.Node):
+                if any(isinstance(e, int) and e == -1 for e in seq):
+                    raise SliceError("slice", f"the {name} size {d} is computed in the graph "
+                                     f"({seq[d].name}) and changes from {o} to {n}, and another "
+                                     "size is already -1", node=node,
+                                     hint="keep whole heads (prune channels within heads) "
+                                     "for this attention")
+                seq[d] = -1
+            else:
+                seq[d] = int(n)
             changed = True
     if not changed:
         return

@@ -1,7 +1,8 @@
 """``insert-gates``: a learnable gate on every prunable channel group.
 
 Where: at each place the group's channels are contracted away (the input of the consuming
-Linear or conv, q in a q.k product or SDPA). Masking there equals removing the channels,
+Linear or conv, q in a q.k product or SDPA, the input of a sum or norm over the channels, as
+in focused linear attention). Masking there equals removing the channels,
 because the analysis froze every group whose channels are mixed, normalised or reach the
 output on the way. Gates at 1 leave the model bit-identical; binary gates give the masked
 model that :mod:`fxprune.passes.slice` reproduces exactly.
@@ -80,7 +81,10 @@ def gate_sinks(out: torch.fx.GraphModule, analysis, group, position: dict[int, i
     products), where ``index`` maps each channel position of the gated operand to
     ``position[channel id]``; returns ``[(inserted module name, gated node name)]``."""
     node_by_name = {n.name: n for n in out.graph.nodes}
-    sinks = [s for s in group.sinks if s.kind == "qk"] or list(group.sinks)
+    # a q.k product is gated on q only; channel reductions that ignore zeros (a norm over q's
+    # channels) see the gated values too, so that masking equals removal everywhere
+    qk = [s for s in group.sinks if s.kind == "qk"]
+    sinks = qk + [s for s in group.sinks if s.kind == "reduce"] if qk else list(group.sinks)
     names = []
     for j, sink in enumerate(sinks):
         node = node_by_name[sink.node.name]

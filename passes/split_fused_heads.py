@@ -101,7 +101,7 @@ class SplitFusedHeads(FxPass):
             return "no match"
         last_in = len(in_shape) - 1
         grp = next((g for g in groups if g[0] == [last_in]), None)
-        if grp is None or len(grp[1]) < 3:
+        if grp is None or len(grp[1]) < 2:  # (parts, heads, dim) or (parts, width)
             return "no match"
         part_dim = grp[1][0]
         parts = out_shape[part_dim]

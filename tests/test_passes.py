@@ -254,7 +254,9 @@ def test_insert_gates_qk_gate_on_q_operand(name):
         qk_node = node(out, site.qk_node.name)
         gates = [a for a in qk_node.args if isinstance(a, torch.fx.Node)
                  and str(a.target).startswith(GATE_PREFIX)]
-        assert [g.target for g in gates] == [f"fxprune_gate_g{site.qk_group}_0"]
+        # one gate per q operand; linear attention also gates q's normaliser product and
+        # the norms over q's and k's channels, so the index in the name varies
+        assert len(gates) == 1 and gates[0].target.startswith(f"fxprune_gate_g{site.qk_group}_")
         gate = gates[0]
         assert gate.args[0].name == site.q.name
         q_position = 1 if op_count(out, "einsum") else 0  # einsum's args[0] is the equation
@@ -578,7 +580,8 @@ def test_slice_gated_equals_sliced(name, seed):
     gated, sliced = gated_and_sliced(gm, masks)
     y = outputs(sliced, x)
     close(y, outputs(gated, x))
-    close(y, outputs(zeroed_original(model, sliced.meta[PLAN_KEY]), x))
+    if name not in ZOO or ZOO[name]()[2].get("zeroed_equals_removed", True):
+        close(y, outputs(zeroed_original(model, sliced.meta[PLAN_KEY]), x))
     # a clean result: no gates, no analysis, lints, recompiles, still runs the same
     assert gate_nodes(sliced) == []
     assert not any(isinstance(m, ChannelGate) for m in sliced.modules())

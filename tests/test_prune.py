@@ -46,13 +46,17 @@ REAL = {
 }
 
 
-def _check_all(model, x, macs_ratio=0.7, align=1, criterion="similarity"):
+def _check_all(model, x, macs_ratio=0.7, align=1, criterion="similarity",
+               zeroed_equals_removed=True):
     torch.manual_seed(0)
     decided = make_plan(model, x, macs_ratio=macs_ratio, criterion=criterion, align=align)
     assert decided.masks, "nothing was pruned"
     pruned = fxprune.prune(model, x, macs_ratio=macs_ratio, criterion=criterion, align=align)
     reference = outputs(zeroed_original(model, pruned.meta["fxprune.plan"]), x)
-    assert rel_err(outputs(pruned, x), reference) < 1e-4
+    err = rel_err(outputs(pruned, x), reference)
+    # a kernel with phi(0) != 0 (elu + 1) makes a zeroed projection row differ from a removed
+    # channel: there only gated == sliced below is the invariant
+    assert err < 1e-4 or not zeroed_equals_removed
     gated, sliced = gated_and_sliced(decided.graph_module, decided.masks)
     assert rel_err(outputs(sliced, x), outputs(gated, x)) < 1e-4
     # MACs on target
@@ -73,7 +77,8 @@ def test_zoo_prune_exact(name):
     model, x, truth = ZOO[name]()
     if truth.get("frozen_qk") and not truth["sites"]:
         pytest.skip("no prunable attention")
-    decided, pruned = _check_all(model, x, macs_ratio=0.7, align=1)
+    decided, pruned = _check_all(model, x, macs_ratio=0.7, align=1,
+                                 zeroed_equals_removed=truth.get("zeroed_equals_removed", True))
     if truth.get("frozen_qk"):
         for s in decided.analysis.attention:
             assert s.qk_group is None or s.qk_group not in decided.masks
@@ -200,9 +205,11 @@ def test_toast_criterion_exact(name):
         factory, shape = REAL[name]
         model, x, align = factory(), torch.randn(*shape), 8
     else:
-        model, x, _ = ZOO[name]()
+        model, x, truth = ZOO[name]()
         align = 1
-    decided, pruned = _check_all(model, x, macs_ratio=0.6, align=align, criterion="toast")
+    decided, pruned = _check_all(model, x, macs_ratio=0.6, align=align, criterion="toast",
+                                 zeroed_equals_removed=name in REAL or truth.get(
+                                     "zeroed_equals_removed", True))
     for s in decided.analysis.attention:
         for gi in (s.qk_group, s.v_group):
             if gi in decided.masks:

@@ -309,7 +309,8 @@ def test_similarity_weight_does_not_depend_on_fusing_qkv():
 
 
 MACS_MODELS = ["tiny_vit", "qk_dim_differs", "rotary_qk", "swiglu_mlp", "rel_pos_bias",
-               "five_heads", "qk_layernorm"]
+               "five_heads", "qk_layernorm", "focused_linear", "focused_linear_folded",
+               "elu_linear"]
 
 
 @pytest.mark.parametrize("name", MACS_MODELS)

@@ -23,7 +23,9 @@ def test_zoo_model_runs_and_traces(name):
     assert set(truth) >= {"sites", "mlp_hidden", "frozen_qk"}
     for site in truth["sites"]:
         assert site["kind"] in {"softmax", "window", "linear"}
-        assert site["scale"] == pytest.approx(site["qk_head_dim"] ** -0.5)
+        # linear attention has no score scale (no softmax to temper)
+        expected = 1.0 if site["kind"] == "linear" else site["qk_head_dim"] ** -0.5
+        assert site["scale"] == pytest.approx(expected)
     # the Linear shapes agree with the truth: each site's output projection takes H * Dv
     # inputs, each MLP's fc2 takes the hidden width
     proj = [m for n, m in model.named_modules() if n.endswith("attn.proj")]

@@ -494,3 +494,5 @@ ZOO: dict[str, Callable[..., ZooEntry]] = {
     "layer_scale_mean_pool": layer_scale_mean_pool,
     "rotary_qk": rotary_qk,
 }
+
+import zoo_linear  # noqa: E402, F401  (adds its variants to ZOO; builds on the helpers above)
