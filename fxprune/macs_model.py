@@ -81,8 +81,6 @@ def _removed_per_head(keep: torch.Tensor, units) -> torch.Tensor:
 def _bilinear_terms(gm, analysis, units) -> list[tuple[int, int, float]]:
     """``(qk group, v group, c)`` per linear-attention site: c = MACs of ``q (k^T v)`` and
     ``k^T v`` per head and per (q/k channel, v channel) pair."""
-    from .macs import node_macs
-
     terms = []
     for s in analysis.attention:
         if s.kind != "linear" or s.qk_group not in units or s.v_group not in units:
@@ -92,8 +90,25 @@ def _bilinear_terms(gm, analysis, units) -> list[tuple[int, int, float]]:
         pairs = s.num_heads * s.qk_head_dim * s.v_head_dim
         if pairs:
             terms.append((s.qk_group, s.v_group,
-                          sum(node_macs(n, gm) for n in products) / pairs))
+                          sum(_product_macs(n, gm) for n in products) / pairs))
     return terms
+
+
+def _product_macs(node, gm) -> float:
+    """MACs of the two-operand contraction in ``node``; an einsum's extra operands that only
+    scale the result (FLatten's normaliser in 'bic,bcd,bi->bid') are linear in one group and
+    already in the affine savings."""
+    from .macs import einsum_macs, node_macs
+
+    if "einsum" in str(node.target) and len(node.args) > 3:
+        eq = node.args[0].replace(" ", "")
+        ins, out = eq.split("->")
+        terms = ins.split(",")
+        main = [i for i, t in enumerate(terms) if not set(t) <= set(out)][:2]
+        if len(main) == 2:
+            shapes = [tuple(node.args[i + 1].meta["val"].shape) for i in main]
+            return float(einsum_macs(f"{terms[main[0]]},{terms[main[1]]}->{out}", shapes))
+    return float(node_macs(node, gm))
 
 
 def _kv_product(av, k, v):

@@ -145,15 +145,39 @@ def _einsum(p: Propagator, node) -> Any:
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
         operands = operands[0]
     eq = eq.replace(" ", "")
-    if "->" not in eq or "..." in eq or len(operands) != 2:
-        return _o()._unknown(p, node, f"einsum {eq!r} (only explicit two-operand forms)")
+    if "->" not in eq or "..." in eq or len(operands) < 2:
+        return _o()._unknown(p, node, f"einsum {eq!r} (only explicit forms without '...')")
     ins, out = eq.split("->")
-    la, lb = ins.split(",")
-    positions = (1, 2) if len(node.args) == 3 else (None, None)
-    res = _contraction(p, node, operands[0], operands[1], la, lb, out,
+    terms = ins.split(",")
+    # operands whose letters all stay in the output only scale the product elementwise (the
+    # normaliser z in FLatten's 'bic,bcd,bi->bid'); the other two are the contraction
+    main = [i for i, t in enumerate(terms) if not set(t) <= set(out)]
+    if len(operands) > 2 and len(main) < 2:
+        main = list(range(len(terms)))[:2]
+    if len(main) != 2:
+        return _o()._unknown(p, node, f"einsum {eq!r} (more than two contracted operands)")
+    spread = len(node.args) == len(operands) + 1
+    i, j = main
+    positions = (i + 1, j + 1) if spread else (None, None)
+    res = _contraction(p, node, operands[i], operands[j], terms[i], terms[j], out,
                        arg_positions=positions)
     res.shape = _shape(node) or res.shape
+    for k, term in enumerate(terms):
+        if k in main:
+            continue
+        res = p.pointwise([res, _scale_operand(p, operands[k], term, out, res.shape)],
+                          res.shape)
     return res
+
+
+def _scale_operand(p, arg, term: str, out: str, out_shape) -> TV:
+    """An einsum operand whose letters all stay in the output, laid out on the output's
+    letters (size 1 where it has none), for an elementwise product."""
+    tv = p.tv(arg) or TV([], _shape(arg) or ())
+    sizes = {ch: out_shape[out.index(ch)] for ch in out}
+    comps = [p._to_letters(c, term, out, sizes) for c in tv.comps]
+    shape = tuple(out_shape[d] if ch in term else 1 for d, ch in enumerate(out))
+    return TV(comps, shape, tv.soft)
 
 
 def _sdpa(p: Propagator, node) -> Any:

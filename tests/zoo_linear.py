@@ -5,7 +5,8 @@
   over all channels, the normaliser ``1 / (q . mean(k))``, ``k^T v`` first, and one depthwise
   conv on v shared by all heads (heads folded into the batch dim for it).
 - ``focused_linear_folded``: the same computation the way FLatten's public code lays it out:
-  q, k and v with the heads folded into the batch dim ``(B*h, N, d)`` and two-operand einsums.
+  q, k and v with the heads folded into the batch dim ``(B*h, N, d)`` and einsums, the last
+  one with three operands (the normaliser multiplies the product).
   The conv, run on the folded batch, ties v's channel ``j`` of every head; q/k heads stay
   independent.
 - ``elu_linear``: kernelised linear attention with ``elu(x) + 1`` and a sum normaliser, four
@@ -60,7 +61,7 @@ class _FocusedLinear(nn.Module):
                        for t in (q, k, v))
             z = 1 / (torch.einsum("bic,bc->bi", q, k.mean(dim=1)) + 1e-6)
             kv = torch.einsum("bjc,bjd->bcd", k, v / N)
-            out = torch.einsum("bic,bcd->bid", q, kv) * z.unsqueeze(-1)
+            out = torch.einsum("b i c, b c d, b i -> b i d", q, kv, z)  # as FLatten writes it
             if self.dwc is not None:
                 fm = self.dwc(v.transpose(-2, -1).reshape(B * h, d, GRID, GRID))
                 out = out + fm.reshape(B * h, d, N).transpose(-2, -1)
