@@ -32,6 +32,8 @@ Usage::
     python benchmarks/bench_speed.py                       # DeiT-S, batch 8, 0.7, align 8 and 1
     python benchmarks/bench_speed.py --model vit_tiny_patch16_224 --img-size 64 --batch 2 \\
         --rounds 1 --out /tmp/speed.json                   # a smoke run (seconds)
+    python benchmarks/bench_speed.py --model fxprune:flatten.flatten_swin_tiny \\
+        --ratios 0.9 0.7 --out benchmarks/results/cpu_speed_flatten.json   # FLatten-Swin-T
 """
 
 from __future__ import annotations
@@ -116,10 +118,19 @@ def build_variants(args) -> tuple[list[dict], object]:
     import fxprune
 
     torch.manual_seed(args.seed)
-    kwargs = {"img_size": args.img_size} if args.img_size else {}
-    model = timm.create_model(args.model, pretrained=False, **kwargs).eval()
-    size = args.img_size or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
-    x1 = torch.randn(1, 3, size, size)
+    if ":" in args.model:  # a model spec: fxprune:flatten.flatten_swin_tiny, torchvision:...
+        from fxprune.models_registry import load_model
+
+        hw = (args.img_size, args.img_size) if args.img_size else None
+        model, x1 = load_model(args.model, hw)
+        model = model.eval()
+        x1 = x1[:1]
+        size = int(x1.shape[-1])
+    else:
+        kwargs = {"img_size": args.img_size} if args.img_size else {}
+        model = timm.create_model(args.model, pretrained=False, **kwargs).eval()
+        size = args.img_size or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+        x1 = torch.randn(1, 3, size, size)
     dense_macs = fxprune.count_macs(model, x1)
     variants = [{"name": "dense", "module": model, "align": None, "target": 1.0,
                  "macs_ratio": 1.0, "macs": dense_macs}]
@@ -147,7 +158,7 @@ def build_variants(args) -> tuple[list[dict], object]:
                              "widths": widths(pruned)})
     for v in variants:
         v["params"] = sum(p.numel() for p in v["module"].parameters())
-    x = torch.randn(args.batch, 3, size, size)
+    x = torch.randn(args.batch, *x1.shape[1:])
     return variants, x
 
 
@@ -281,7 +292,9 @@ def markdown(doc: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="deit_small_patch16_224", help="timm model name")
+    parser.add_argument("--model", default="deit_small_patch16_224",
+                        help="timm model name, or a model spec such as "
+                        "fxprune:flatten.flatten_swin_tiny")
     parser.add_argument("--img-size", type=int, default=None,
                         help="input resolution (passed to timm.create_model); default: model's")
     parser.add_argument("--batch", type=int, default=8)
