@@ -15,7 +15,14 @@ For each timm model (random weights, eval mode) this builds:
   ``pruning_ratio`` is searched so that ``fxprune.count_macs`` of the result matches R. After
   pruning, ``num_heads``/``head_dim``/``attn_dim`` of timm attention modules are repaired by hand
   as in that example. Swin's patch merging gets a custom Torch-Pruning pruner (its 4C input is
-  four copies of the C channels). A failure is recorded as its error string.
+  four copies of the C channels). A failure is recorded as its error string;
+* ``toast-<G>G-aA`` (``--toast``): ``fxprune.prune(model, x, macs_ratio=G / dense MACs,
+  criterion="toast", align=A, dense_sites=(0,))``: ToaSt's coupled head-wise pruning (block 0's
+  attention left dense, as in ToaSt's configs) to G GMACs, the ratio computed from
+  ``fxprune.count_macs`` of the dense model at its input size. G is the paper's figure for
+  DeiT-S (2.9) and DeiT-B (10.4) (``TOAST_PAPER``; reported on H100, batch 128, with
+  speed-ups 1.95x and 1.52x, printed beside ours), or ``--toast-gmacs`` for any model. Token
+  Channel Selection is not part of these rows.
 
 Every variant is timed eager and (``--compile``) under ``torch.compile``, interleaved: each
 round runs every variant ``--iters`` times in a rotated order, timed with CUDA events after a
@@ -28,8 +35,13 @@ Usage (H100/H200, torch 2.11+ with timm, from a plain checkout)::
     PYTHONPATH=. python benchmarks/bench_gpu.py --out benchmarks/results/gpu.json
     PYTHONPATH=. python benchmarks/bench_gpu.py --device cpu --tiny --out /tmp/gpu_tiny.json
 
+    PYTHONPATH=. python benchmarks/bench_gpu.py --toast-paper \\
+        --out benchmarks/results/gpu_toast.json
+
 ``--tiny``: ``vit_tiny_patch16_224`` at 64 px, batch 4, fp32, no compile, 2 rounds (a smoke
-test that runs on a CPU).
+test that runs on a CPU). ``--toast-paper``: the ToaSt comparison alone: DeiT-S and DeiT-B
+(``--models`` overrides), batch 128, dense, ``fxprune-1-a8`` and ``toast-*-a8`` rows (no
+``--ratios`` rows unless given, hence no Torch-Pruning rows), bf16, eager and compiled.
 """
 
 from __future__ import annotations
@@ -51,6 +63,12 @@ from _env import cpu_name, dist_version, git_revision  # noqa: E402
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "gpu.json"
 DEFAULT_MODELS = ["deit_base_patch16_224", "swin_base_patch4_window7_224"]
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# ToaSt's reported DeiT results (DESIGN.md section 8): MACs, top-1, speed-up on H100, batch 128
+TOAST_PAPER = {
+    "deit_small_patch16_224": {"gmacs": 2.9, "top1": 80.77, "speedup": 1.95},
+    "deit_base_patch16_224": {"gmacs": 10.4, "top1": 82.87, "speedup": 1.52},
+}
+TOAST_MODELS = list(TOAST_PAPER)
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -249,6 +267,20 @@ def measure(entries: list[dict], x, timer: Timer, rounds: int, iters: int, warmu
 
 # -- main -------------------------------------------------------------------------------------
 
+def toast_gmacs(name: str, args) -> float | None:
+    """The ToaSt target of ``name`` in GMACs: ``--toast-gmacs``, else the paper's figure;
+    None without ``--toast`` or for a model the paper does not report."""
+    if not args.toast:
+        return None
+    if args.toast_gmacs is not None:
+        return args.toast_gmacs
+    if name in TOAST_PAPER and args.img_size in (None, 224):
+        return TOAST_PAPER[name]["gmacs"]
+    print(f"[{name}] no ToaSt target (the paper reports {', '.join(TOAST_PAPER)} at 224 px; "
+          "--toast-gmacs sets one): no toast rows", file=sys.stderr, flush=True)
+    return None
+
+
 def bench_model(name: str, args, device, dtype, tp) -> list[dict]:
     import timm
     import torch
@@ -267,25 +299,40 @@ def bench_model(name: str, args, device, dtype, tp) -> list[dict]:
     fx_configs = [(r, a) for r in args.ratios for a in args.aligns]
     if not args.no_unpruned_fx:
         fx_configs.insert(0, (1.0, args.aligns[0]))
-    for ratio, align in fx_configs:
-        v = {"model": name, "variant": f"fxprune-{ratio:g}-a{align}", "method": "fxprune",
-             "target": ratio, "align": align}
-        print(f"[{name}] fxprune.prune macs_ratio={ratio} align={align}", file=sys.stderr,
-              flush=True)
+
+    def fx_variant(v: dict, **options) -> dict:
+        print(f"[{name}] fxprune.prune macs_ratio={v['target']:.4f} align={v['align']} "
+              f"{options}", file=sys.stderr, flush=True)
         try:
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                pruned = fxprune.prune(model, x1, macs_ratio=ratio,
-                                       criterion=args.criterion, align=align,
-                                       seed=args.seed)
+                pruned = fxprune.prune(model, x1, macs_ratio=v["target"], align=v["align"],
+                                       seed=args.seed, **options)
             v["prune_s"] = time.perf_counter() - t0
             v["macs_ratio"] = float(pruned.meta["fxprune.macs_ratio"])
             v["widths"] = fxprune_widths(pruned)
             v["module"] = pruned
         except Exception as exc:
             v["error"] = _err(exc)
-        variants.append(v)
+        return v
+
+    for ratio, align in fx_configs:
+        variants.append(fx_variant(
+            {"model": name, "variant": f"fxprune-{ratio:g}-a{align}", "method": "fxprune",
+             "target": ratio, "align": align}, criterion=args.criterion))
+    gmacs = toast_gmacs(name, args)
+    for align in (args.aligns if gmacs is not None else []):
+        v = {"model": name, "variant": f"toast-{gmacs:g}G-a{align}", "method": "toast",
+             "target": gmacs * 1e9 / dense_macs, "target_gmacs": gmacs, "align": align,
+             "dense_gmacs": dense_macs / 1e9, "paper": TOAST_PAPER.get(name)
+             if gmacs == TOAST_PAPER.get(name, {}).get("gmacs") else None}
+        if v["target"] >= 1.0:
+            v["error"] = (f"target {gmacs:g} GMACs is not below the dense model's "
+                          f"{dense_macs / 1e9:.3g} GMACs")
+            variants.append(v)
+            continue
+        variants.append(fx_variant(v, criterion="toast", dense_sites=(0,)))
     if tp is not None:
         for ratio in args.ratios:
             for align in args.aligns:
@@ -362,8 +409,8 @@ def markdown(doc: dict) -> str:
              f"{cfg['dtype']}, {cfg['img_size'] or 'default'} px, {cfg['rounds']} interleaved "
              f"rounds x {cfg['iters']} iters, medians; torch {doc['environment']['torch']}.", "",
              "| model | variant | compile | MACs ratio | ideal | img/s | speedup | realized/ideal "
-             "| head dims q/k (min-max) | MLP widths (min-max) |",
-             "|---|---|---|---:|---:|---:|---:|---:|---|---|"]
+             "| paper speedup (H100, b128) | head dims q/k (min-max) | MLP widths (min-max) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
 
     def rng(vals):
         return f"{min(vals)}-{max(vals)}" if vals else "-"
@@ -371,29 +418,43 @@ def markdown(doc: dict) -> str:
     for r in doc["results"]:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['variant']} | {r.get('compile', '-')} | - | - | - "
-                         f"| failed | - | {r['error'][:120]} | |")
+                         f"| failed | - | - | {r['error'][:120]} | |")
             continue
         w = r.get("widths", {})
+        paper = f"{r['paper']['speedup']:.2f}x" if r.get("paper") else "-"
         lines.append(
             f"| {r['model']} | {r['variant']} | {'yes' if r['compile'] else 'no'} "
             f"| {r['macs_ratio']:.3f} | {r['ideal_speedup']:.2f}x | {r['images_per_s']:.1f} "
             f"| {r.get('speedup', float('nan')):.2f}x | {r.get('efficiency', float('nan')):.0%} "
-            f"| {rng(w.get('qk_head_dims', []))} | {rng(w.get('mlp_widths', []))} |")
+            f"| {paper} | {rng(w.get('qk_head_dims', []))} | {rng(w.get('mlp_widths', []))} |")
     lines += ["", *[f"- {n}" for n in doc["notes"]]]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line with the presets' defaults filled in (``--tiny``, ``--toast-paper``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     parser.add_argument("--tiny", action="store_true",
                         help="smoke config: vit_tiny_patch16_224 at 64 px, batch 4, fp32, "
                              "no compile, 2 rounds")
     parser.add_argument("--models", nargs="+", default=None, metavar="NAME")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.7, 0.5])
-    parser.add_argument("--aligns", type=int, nargs="+", default=[8, 1])
+    parser.add_argument("--ratios", type=float, nargs="*", default=None,
+                        help="fxprune (--criterion) and Torch-Pruning targets (default 0.7 0.5; "
+                             "toast-paper: none)")
+    parser.add_argument("--aligns", type=int, nargs="+", default=None,
+                        help="default 8 1 (toast-paper: 8)")
+    parser.add_argument("--toast", action="store_true",
+                        help="add ToaSt rows (criterion='toast') at the paper's MACs for DeiT-S "
+                             "and DeiT-B, or at --toast-gmacs for any model")
+    parser.add_argument("--toast-gmacs", type=float, default=None,
+                        help="ToaSt target in GMACs for every model (implies --toast)")
+    parser.add_argument("--toast-paper", action="store_true",
+                        help="the ToaSt comparison: DeiT-S and DeiT-B, batch 128, dense, "
+                             "fxprune-1-a8 and toast rows, align 8")
     parser.add_argument("--criterion", default="similarity")
-    parser.add_argument("--batch", type=int, default=None, help="default 256 (tiny: 4)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="default 256 (tiny: 4; toast-paper: 128)")
     parser.add_argument("--img-size", type=int, default=None, help="default: model's (tiny: 64)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="default bf16 (tiny: fp32)")
@@ -416,9 +477,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSON result file")
     args = parser.parse_args(argv)
 
-    tiny = args.tiny
-    args.models = args.models or (["vit_tiny_patch16_224"] if tiny else DEFAULT_MODELS)
-    args.batch = args.batch or (4 if tiny else 256)
+    tiny, paper = args.tiny, args.toast_paper
+    args.toast = args.toast or paper or args.toast_gmacs is not None
+    args.models = args.models or (["vit_tiny_patch16_224"] if tiny else
+                                  TOAST_MODELS if paper else DEFAULT_MODELS)
+    args.ratios = args.ratios if args.ratios is not None else ([] if paper else [0.7, 0.5])
+    args.aligns = args.aligns or ([8] if paper else [8, 1])
+    args.batch = args.batch or (4 if tiny else 128 if paper else 256)
     args.img_size = args.img_size or (64 if tiny else None)
     args.dtype = args.dtype or ("fp32" if tiny else "bf16")
     args.compile = args.compile or ("off" if tiny else "both")
@@ -428,6 +493,12 @@ def main(argv: list[str] | None = None) -> int:
     args.tp_tol = args.tp_tol if args.tp_tol is not None else (0.03 if tiny else 0.005)
     args.tp_max_evals = args.tp_max_evals or (3 if tiny else 9)
     args.compile_modes = {"both": [False, True], "on": [True], "off": [False]}[args.compile]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    tiny, paper = args.tiny, args.toast_paper
 
     import torch
 
@@ -458,6 +529,12 @@ def main(argv: list[str] | None = None) -> int:
         "setting.",
         "Pruned on CPU in fp32, then moved to the device and cast; random weights.",
     ]
+    if args.toast:
+        notes.append("toast rows: fxprune.prune(criterion='toast', dense_sites=(0,)) to the "
+                     "target GMACs / dense GMACs (fxprune.count_macs, batch 1); paper speed-ups "
+                     "(ToaSt, H100, batch 128): " + ", ".join(
+                         f"{m} {p['gmacs']:g} G {p['speedup']:.2f}x"
+                         for m, p in TOAST_PAPER.items()) + "; no Token Channel Selection.")
     tp = tp_version = None
     if not args.no_torch_pruning:
         try:
@@ -495,7 +572,9 @@ def main(argv: list[str] | None = None) -> int:
                    "dtype": args.dtype, "compile": args.compile,
                    "compile_mode": args.compile_mode, "rounds": args.rounds,
                    "iters": args.iters, "warmup": args.warmup, "tiny": tiny,
-                   "tp_tol": args.tp_tol, "tp_max_evals": args.tp_max_evals},
+                   "tp_tol": args.tp_tol, "tp_max_evals": args.tp_max_evals,
+                   "toast": args.toast, "toast_gmacs": args.toast_gmacs,
+                   "toast_paper": paper},
         "results": results,
         "notes": notes,
     }

@@ -174,14 +174,50 @@ def kept_per_head(result) -> dict:
             for g, m in sorted(result.masks.items())}
 
 
-def run_seed(data, seed: int, args, log) -> list[dict]:
+# The phases every digits benchmark shares (benchmarks/digits_toast.py imports them): the same
+# seed gives the same dense model, search, refine and fine-tune in every script.
+
+def train_dense(data, seed: int, epochs: int) -> nn.Module:
+    """The seed's dense ``digits_vit``, trained from scratch (``fxprune.digits.train``)."""
     from fxprune.models.reference import digits_vit
 
+    torch.manual_seed(seed)
+    return train(digits_vit(), data, epochs=epochs, seed=seed)
+
+
+def search_config(args, seed: int) -> SearchConfig:
+    """``SearchConfig`` for ``args.macs_ratio``, ``args.epochs`` and ``args.indicator_lr``."""
+    cfg = SearchConfig(macs_ratio=args.macs_ratio, epochs=args.epochs, seed=seed,
+                       progress=False)
+    if args.indicator_lr:
+        cfg = dataclasses.replace(cfg, indicator_lr=args.indicator_lr)
+    return cfg
+
+
+def amap_search(dense, data, x1, seed: int, cfg: SearchConfig, **overrides):
+    """AMAP search of ``dense`` (gates and weights trained together, the seed's data order)."""
+    return search(dense, EpochLoader(data, seed), x1, cfg, **overrides)
+
+
+def amap_refine(res, data, seed: int, epochs: int, reweight: bool = True) -> nn.Module:
+    """Slice a search result (reweight modules if ``reweight``) and retrain it."""
+    torch.manual_seed(seed)
+    model, _ = refine(res, EpochLoader(data, seed), epochs=epochs, reweight=reweight,
+                      lr=REFINE_LR, lr_min=REFINE_LR_MIN, weight_decay=REFINE_WD)
+    return model
+
+
+def oneshot_finetune(model: nn.Module, data, seed: int, epochs: int) -> nn.Module:
+    """Fine-tune a one-shot pruned model as the refine retrains (the seed's data order)."""
+    torch.manual_seed(seed)
+    return finetune(model, EpochLoader(data, seed), epochs)
+
+
+def run_seed(data, seed: int, args, log) -> list[dict]:
     rows = []
     x1 = data.x_train[:1]
-    torch.manual_seed(seed)
     t0 = time.perf_counter()
-    dense = train(digits_vit(), data, epochs=args.dense_epochs, seed=seed)
+    dense = train_dense(data, seed, args.dense_epochs)
     dense_macs = measured_macs(dense, x1)
     rows.append({"variant": "dense", "seed": seed, "macs_ratio": 1.0,
                  "accuracy": accuracy(dense, data), "seconds": time.perf_counter() - t0,
@@ -202,25 +238,19 @@ def run_seed(data, seed: int, args, log) -> list[dict]:
         rows.append(r)
         log(r)
 
-    cfg = SearchConfig(macs_ratio=args.macs_ratio, epochs=args.epochs, seed=seed,
-                       progress=False)
-    if args.indicator_lr:
-        cfg = dataclasses.replace(cfg, indicator_lr=args.indicator_lr)
+    cfg = search_config(args, seed)
     searches = {"amap": dict(), "amap-no-similarity": dict(similarity=False),
                 "amap-no-sync": dict(sync=False)}
     for name, overrides in searches.items():
         t = time.perf_counter()
-        res = search(dense, EpochLoader(data, seed), x1, cfg, **overrides)
+        res = amap_search(dense, data, x1, seed, cfg, **overrides)
         t_search = time.perf_counter() - t
         log(f"  search {name}: {t_search:.1f} s, masked macs_ratio {res.macs_ratio:.3f}")
         refines = [("amap", True), ("amap-no-reweight", False)] if name == "amap" else \
             [(name, True)]
         for variant, reweight in refines:
             t = time.perf_counter() - t_search  # each variant is charged its search time
-            torch.manual_seed(seed)
-            model, _ = refine(res, EpochLoader(data, seed), epochs=args.epochs,
-                              reweight=reweight, lr=REFINE_LR, lr_min=REFINE_LR_MIN,
-                              weight_decay=REFINE_WD)
+            model = amap_refine(res, data, seed, args.epochs, reweight=reweight)
             extra = {"kept_per_head": kept_per_head(res)}
             sliced = model.meta.get("fxprune.sliced", True)
             if not sliced:
@@ -233,8 +263,7 @@ def run_seed(data, seed: int, args, log) -> list[dict]:
             warnings.simplefilter("ignore", UserWarning)
             pruned = fxprune.prune(dense, x1, macs_ratio=args.macs_ratio, criterion=criterion,
                                    align=1, seed=seed)
-        torch.manual_seed(seed)
-        finetune(pruned, EpochLoader(data, seed), args.epochs)
+        oneshot_finetune(pruned, data, seed, args.epochs)
         row(f"{criterion}-oneshot", pruned, t)
     return rows
 

@@ -65,10 +65,21 @@ def test_bench_speed_tiny(tmp_path):
     assert "| pruned-0.7-a8 |" in proc.stdout  # the markdown table
 
 
+def load_bench(name: str):
+    """A benchmark script as a module (they import ``_env`` from their own folder)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), BENCH / name)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_bench_gpu_tiny_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     proc = run_script("bench_gpu.py", ["--device", "cpu", "--tiny", "--ratios", "0.7",
-                                       "--aligns", "8", "--out", str(out)])
+                                       "--aligns", "8", "--toast-gmacs", "0.06",
+                                       "--out", str(out)])
     doc = json.loads(out.read_text())
     assert doc["benchmark"] == "gpu_throughput"
     assert {"date", "command", "environment", "config", "results", "notes"} <= set(doc)
@@ -87,6 +98,15 @@ def test_bench_gpu_tiny_on_cpu(tmp_path):
     assert rows["dense"]["speedup"] == pytest.approx(1.0)
     assert rows["fxprune-1-a8"]["macs_ratio"] == pytest.approx(1.0)
     assert abs(rows["fxprune-0.7-a8"]["macs_ratio"] - 0.7) <= 0.02
+    # ToaSt at a target in MACs: the ratio comes from count_macs of the dense model
+    toast = rows["toast-0.06G-a8"]
+    assert "error" not in toast, toast
+    assert toast["method"] == "toast" and toast["paper"] is None and cfg["toast"]
+    check_timed_row(toast)
+    assert toast["target"] == pytest.approx(0.06 / toast["dense_gmacs"])
+    assert 0.3 < toast["target"] < 0.9 and abs(toast["macs_ratio"] - toast["target"]) <= 0.02
+    assert toast["widths"]["qk_head_dims"][0] == 64  # block 0's attention left dense
+    assert "| toast-0.06G-a8 |" in proc.stdout
     if importlib.util.find_spec("torch_pruning") is not None:
         tp = rows["tp-0.7-r8"]  # present, and either measured or its failure recorded
         if "error" not in tp:
@@ -95,6 +115,28 @@ def test_bench_gpu_tiny_on_cpu(tmp_path):
     else:
         assert not any(r["variant"].startswith("tp-") for r in doc["results"])
     assert "Device: CPU" in proc.stdout and "| fxprune-0.7-a8 |" in proc.stdout
+
+
+def test_bench_gpu_toast_paper_selection():
+    """``--toast-paper`` selects DeiT-S and DeiT-B at the paper's MACs, batch 128, bf16, eager
+    and compiled, with no other pruned rows; ``--toast`` adds rows only where a target is
+    known."""
+    mod = load_bench("bench_gpu.py")
+    args = mod.parse_args(["--toast-paper"])
+    assert args.models == ["deit_small_patch16_224", "deit_base_patch16_224"]
+    assert args.batch == 128 and args.dtype == "bf16" and args.compile_modes == [False, True]
+    assert args.toast and args.ratios == [] and args.aligns == [8]
+    assert mod.toast_gmacs("deit_small_patch16_224", args) == 2.9
+    assert mod.toast_gmacs("deit_base_patch16_224", args) == 10.4
+    assert mod.TOAST_PAPER["deit_small_patch16_224"]["speedup"] == 1.95
+    assert mod.TOAST_PAPER["deit_base_patch16_224"]["speedup"] == 1.52
+    assert mod.toast_gmacs("swin_base_patch4_window7_224", args) is None
+    plain = mod.parse_args([])
+    assert not plain.toast and plain.ratios == [0.7, 0.5] and plain.batch == 256
+    assert mod.toast_gmacs("deit_small_patch16_224", plain) is None
+    assert mod.toast_gmacs("deit_small_patch16_224",
+                           mod.parse_args(["--toast", "--img-size", "160"])) is None
+    assert mod.toast_gmacs("any", mod.parse_args(["--toast-gmacs", "1.5"])) == 1.5
 
 
 def test_bench_gpu_without_cuda_says_so(tmp_path):
