@@ -16,9 +16,9 @@ pruning score (a channel is kept while ``m* < tau``), the search starts from
 the threshold.
 
 The tensors are read at the site's nodes (``q`` of ``q @ (k^T v)``, and ``k``, ``v`` of
-``k^T v``); a head's channels are found from the analysis labels. Where the layout cannot be
-read (heads folded into the batch dim, channel ids shared between heads) the group keeps the
-default start (zeros) and the reason is reported.
+``k^T v``); a head's channels are found from the analysis labels (heads folded into the batch
+dim are unfolded). Where the layout cannot be read (channel ids shared between heads, token
+counts that differ) the group keeps the default start (zeros) and the reason is reported.
 
 Example:
     >>> import torch
@@ -67,8 +67,13 @@ def _by_heads(t: torch.Tensor, node, group_channels: np.ndarray | None, analysis
     if len(entries) != 1:
         return None, f"{node.name}: no single channel component"
     lab, span = entries[0]
-    if 0 in span:
-        return None, f"{node.name}: channels folded into the batch dim"
+    if 0 in span:  # heads folded into the batch dim: unfold (B*h, ...) -> (B, h, ...)
+        period = _period(lab)
+        if t.shape[0] % period:
+            return None, f"{node.name}: channels folded into the batch dim"
+        t = t.reshape(t.shape[0] // period, period, *t.shape[1:])
+        lab = lab[:period].reshape(1, period, *lab.shape[1:])
+        span = (1,) + tuple(d + 1 for d in span if d != 0)
     nd = t.ndim
     perm = [0] + [d for d in range(1, nd) if d not in span] + list(span)
     n_pos = int(np.prod([t.shape[d] for d in span]))
@@ -78,6 +83,15 @@ def _by_heads(t: torch.Tensor, node, group_channels: np.ndarray | None, analysis
     ch = analysis.components.channel_of(
         lab.reshape([lab.shape[d] for d in span]).reshape(heads, -1))
     return x, ch
+
+
+def _period(lab: np.ndarray) -> int:
+    """Smallest period of the labels along dim 0 (the heads of a folded batch dim)."""
+    n = lab.shape[0]
+    for p in range(1, n + 1):
+        if n % p == 0 and (lab.reshape(n // p, p, *lab.shape[1:]) == lab[None, :p]).all():
+            return p
+    return n
 
 
 def _to_layout(x: torch.Tensor, ch: np.ndarray, layout: np.ndarray):

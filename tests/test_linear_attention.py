@@ -289,3 +289,17 @@ def test_search_and_refine_on_the_hybrid():
     assert len(history) == 1
     assert outputs(refined, x[:3]).shape == (3, 10)
     assert fxprune.count_macs(refined) < fxprune.count_macs(fxprune.trace(model, x[:1]))
+
+
+def test_linear_init_reads_folded_heads_like_unfolded_ones():
+    """The same weights written with heads folded into the batch dim (FLatten's public layout)
+    and in 4-D give the same eq. 5-6 scores: the folded heads are unfolded, not skipped."""
+    scores = []
+    for name in ("focused_linear", "focused_linear_folded"):
+        model, x, _ = ZOO[name]()
+        gm, a = _prepared(model, x)
+        got, skipped = linear_attention_scores(gm, a, [x])
+        assert not skipped and len(got) == 2
+        scores.append([got[g] for g in sorted(got)])
+    for s4, sf in zip(*scores):
+        np.testing.assert_allclose(sf, s4, atol=1e-6)
