@@ -265,6 +265,8 @@ def _build_sites(gm, prop: Propagator, comps: Components, groups, group_of_chann
         if kind == "softmax" and raw.head_labels.size:
             if param_channels[comps.channel_of(raw.head_labels.ravel())].any():
                 kind = "window"  # scores get a learned per-head (relative position) bias
+        if kind == "softmax" and not raw.head_labels.size and _learned_score_bias(gm, raw):
+            kind = "window"  # one head: no head labels to see the bias by, follow the graph
         site = AttentionSite(len(sites), kind, int(num_heads), int(q_layout.shape[1]),
                              int(v_layout.shape[1]) if v_layout is not None else 0,
                              _scale(raw), raw.q, raw.k, raw.v, proj, raw.qk_node, raw.av_node,
@@ -283,6 +285,62 @@ def _build_sites(gm, prop: Propagator, comps: Components, groups, group_of_chann
     for g in groups:
         g.index = idx[id(g)]
     return sites
+
+
+def _learned_score_bias(gm, raw: RawSite) -> bool:
+    """The q.k scores of ``raw`` get a term computed from a learned parameter (a relative
+    position bias table) before the softmax: as SDPA's ``attn_mask`` or added to the scores."""
+    node = raw.qk_node
+    if _is_sdpa(node):
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        return isinstance(mask, torch.fx.Node) and _from_parameter(gm, mask)
+    cur = node
+    for _ in range(6):
+        users = list(cur.users)
+        if len(users) != 1 or users[0] is raw.av_node:
+            return False
+        cur = users[0]
+        if op_name(cur, gm) in ("add", "add_", "iadd"):
+            others = [a for a in cur.all_input_nodes if a is not node and a not in
+                      _upstream(cur, node)]
+            if any(_from_parameter(gm, a) for a in others):
+                return True
+        if op_name(cur, gm) in ("softmax", "_softmax"):
+            return False
+    return False
+
+
+def _upstream(node, stop, steps: int = 6) -> set:
+    """Nodes between ``stop`` and ``node`` on the single-user chain (the scores themselves)."""
+    seen, cur = set(), stop
+    for _ in range(steps):
+        users = list(cur.users)
+        if len(users) != 1 or users[0] is node:
+            break
+        cur = users[0]
+        seen.add(cur)
+    return seen | {stop}
+
+
+def _from_parameter(gm, node, steps: int = 8) -> bool:
+    """``node`` is computed from an ``nn.Parameter`` (not only buffers and constants)."""
+    params = dict(gm.named_parameters())
+    frontier, seen = [node], set()
+    for _ in range(steps):
+        nxt = []
+        for n in frontier:
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.op == "get_attr" and n.target in params:
+                return True
+            if n.op == "call_module":
+                continue  # a module's output is an activation
+            if n.op == "placeholder":
+                return False
+            nxt += n.all_input_nodes
+        frontier = nxt
+    return False
 
 
 def _distinct_sites(raw_sites, comps: Components, group_of_channel) -> list:

@@ -41,10 +41,8 @@ from fxprune.oneshot import plan as make_plan
 
 def _known_issue(b: BlockSpec) -> set[str]:
     """What the analysis gets wrong today for block ``b`` (see the xfail tests below)."""
-    issues = set()
-    if b.num_heads == 1 and b.rel_pos:
-        issues.add("single_head_kind")      # test_single_head_bias_is_window_kind
-    return issues
+    del b  # none today; single-head attention with a learned score bias was one (fixed)
+    return set()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -307,10 +305,9 @@ def test_single_head_explicit_attention_finds_v():
     assert site.proj is not None
 
 
-@pytest.mark.xfail(strict=True, reason="single-head attention with a learned bias on the "
-                   "scores: the bias table (R, 1) has no head dim, so the site is 'softmax' "
-                   "where the same model with 2 heads is 'window'")
 def test_single_head_bias_is_window_kind():
+    """Regression: the bias table (R, 1) has no head dim; the site is found to be 'window' by
+    following the scores to the learned term (was an xfail)."""
     spec = ViTSpec(embed=8, blocks=(BlockSpec(1, 2, 2, attn="sdpa", rel_pos="table",
                                               mlp_hidden=4),), class_token=False)
     model, x, truth = build(spec)
