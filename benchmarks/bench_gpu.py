@@ -24,6 +24,21 @@ For each timm model (random weights, eval mode) this builds:
   speed-ups 1.95x and 1.52x, printed beside ours), or ``--toast-gmacs`` for any model. Token
   Channel Selection is not part of these rows.
 
+``--models`` also takes fxprune model specs (``fxprune:flatten.flatten_swin_tiny``, as
+``bench_speed.py`` and the CLI: :func:`fxprune.models_registry.load_model`; the input's channels
+and size come from the spec's example input). Torch-Pruning is not run on them (its timm recipe
+knows neither FLatten's focused linear attention nor this Swin's modules).
+
+``--flatten-paper``: FLatten-Swin-T (``fxprune:flatten.flatten_swin_tiny``, 224 px, random
+weights) dense, ``fxprune-1-a8`` and ``fxprune.prune`` (``--criterion``, default similarity) at
+``macs_ratio`` 0.9 and 0.7, align 8, bf16, batch 128, eager and compiled. The table prints
+AMAP's reported speed-ups (paper Table 2, RTX A6000, ``FLATTEN_PAPER``) beside ours: 1.1x at
+0.9 (AMAP-S: FLatten-Swin-T 4.5 -> 4.2 GFLOPs, 0.93 of the MACs) and 1.3-1.4x at 0.7 (AMAP-B
+and AMAP-L: FLatten-Swin-S 8.7 -> 6.2 G and -B 15.4 -> 11.1 G, 0.71 and 0.72; the paper has
+no FLatten-Swin-T model at 0.7, its other -T model, AMAP-T at 1.3 G (0.29), ran 1.5x). The
+paper's models are AMAP-searched and trained, ours one-shot pruned with random weights: the
+widths differ, so only the order of magnitude is comparable.
+
 Every variant is timed eager and (``--compile``) under ``torch.compile``, interleaved: each
 round runs every variant ``--iters`` times in a rotated order, timed with CUDA events after a
 synchronize; ``--warmup`` untimed calls first. Per variant: median seconds per batch over
@@ -37,11 +52,21 @@ Usage (H100/H200, torch 2.11+ with timm, from a plain checkout)::
 
     PYTHONPATH=. python benchmarks/bench_gpu.py --toast-paper \\
         --out benchmarks/results/gpu_toast.json
+    PYTHONPATH=. python benchmarks/bench_gpu.py --flatten-paper \\
+        --out benchmarks/results/gpu_flatten.json
+
+From a plain checkout (``PYTHONPATH=.``, nothing installed) ``fxprune.passes`` and
+``fxprune.models`` (the folders ``passes/`` and ``models/``, mapped by ``setup.cfg`` at install
+time) are not importable by name; this script maps them itself when they are missing
+(:func:`plain_checkout_packages`), so it also runs without ``pip install -e .``.
 
 ``--tiny``: ``vit_tiny_patch16_224`` at 64 px, batch 4, fp32, no compile, 2 rounds (a smoke
 test that runs on a CPU). ``--toast-paper``: the ToaSt comparison alone: DeiT-S and DeiT-B
 (``--models`` overrides), batch 128, dense, ``fxprune-1-a8`` and ``toast-*-a8`` rows (no
 ``--ratios`` rows unless given, hence no Torch-Pruning rows), bf16, eager and compiled.
+``--flatten-paper``: see above (``--models`` overrides, e.g. with
+``fxprune:flatten.flatten_swin_small fxprune:flatten.flatten_swin_base`` for the paper's
+0.7 rows' own models).
 """
 
 from __future__ import annotations
@@ -69,6 +94,17 @@ TOAST_PAPER = {
     "deit_base_patch16_224": {"gmacs": 10.4, "top1": 82.87, "speedup": 1.52},
 }
 TOAST_MODELS = list(TOAST_PAPER)
+# AMAP's reported FLatten-Swin speed-ups (paper Table 2, RTX A6000; batch not stated), by the
+# nominal MACs ratio the issue asks for: 0.9 is AMAP-S (FLatten-Swin-T 4.5 -> 4.2 GFLOPs),
+# 0.7 is AMAP-B / AMAP-L (FLatten-Swin-S 8.7 -> 6.2 G: 1.3x, -B 15.4 -> 11.1 G: 1.4x)
+FLATTEN_MODELS = ["fxprune:flatten.flatten_swin_tiny"]
+FLATTEN_PAPER = {
+    0.9: {"speedup": "1.1x", "device": "RTX A6000",
+          "source": "AMAP-S: FLatten-Swin-T 4.5 -> 4.2 GFLOPs (0.93), 805 -> 921 img/s"},
+    0.7: {"speedup": "1.3-1.4x", "device": "RTX A6000",
+          "source": "AMAP-B: FLatten-Swin-S 8.7 -> 6.2 G (0.71), 1.3x; AMAP-L: FLatten-Swin-B "
+                    "15.4 -> 11.1 G (0.72), 1.4x; no FLatten-Swin-T model at 0.7 in the paper"},
+}
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -76,6 +112,49 @@ TOAST_MODELS = list(TOAST_PAPER)
 def _err(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}"
     return text if len(text) < 2000 else text[:2000] + " ..."
+
+
+def plain_checkout_packages() -> list[str]:
+    """Make ``fxprune.passes`` and ``fxprune.models`` importable from a plain checkout.
+
+    ``setup.cfg`` installs the folders ``passes/`` and ``models/`` as these packages; with only
+    ``PYTHONPATH=.`` they have no name. Where one is missing, it is loaded from its folder beside
+    ``fxprune/`` (nothing happens when fxprune is installed). Returns the names it mapped."""
+    import importlib.util
+
+    import fxprune
+
+    root = Path(fxprune.__file__).resolve().parent.parent
+    mapped = []
+    for name, folder in (("passes", "passes"), ("models", "models")):
+        full = f"fxprune.{name}"
+        if full in sys.modules or importlib.util.find_spec(full) is not None:
+            continue
+        init = root / folder / "__init__.py"
+        if not init.exists():
+            continue
+        spec = importlib.util.spec_from_file_location(
+            full, init, submodule_search_locations=[str(root / folder)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[full] = module
+        spec.loader.exec_module(module)
+        setattr(fxprune, name, module)
+        mapped.append(full)
+    return mapped
+
+
+def is_spec(name: str) -> bool:
+    """A model spec (``fxprune:...``, ``timm:...``, ``file.py:factory``), not a timm name."""
+    return ":" in name
+
+
+def flatten_paper(name: str, target: float, img_size: int | None) -> dict | None:
+    """AMAP's reported speed-up for a FLatten-Swin model pruned to ``target`` (0.9 or 0.7) at
+    224 px, or None (another model, ratio or input size)."""
+    if not name.removeprefix("fxprune:").startswith("flatten.flatten_swin_") or \
+            name.endswith("_nano") or img_size not in (None, 224):
+        return None
+    return FLATTEN_PAPER.get(round(target, 6))
 
 
 def fxprune_widths(pruned) -> dict:
@@ -288,10 +367,19 @@ def bench_model(name: str, args, device, dtype, tp) -> list[dict]:
     import fxprune
 
     torch.manual_seed(args.seed)
-    kwargs = {"img_size": args.img_size} if args.img_size else {}
-    model = timm.create_model(name, pretrained=False, **kwargs).eval()
-    size = args.img_size or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
-    x1 = torch.randn(1, 3, size, size)
+    if is_spec(name):  # fxprune:flatten.flatten_swin_tiny, timm:..., file.py:factory
+        from fxprune.models_registry import load_model
+
+        model, x1 = load_model(name, (args.img_size, args.img_size) if args.img_size else None)
+        model = model.eval()
+        x1 = x1[:1]
+        chans, size = int(x1.shape[1]), int(x1.shape[-1])
+    else:
+        kwargs = {"img_size": args.img_size} if args.img_size else {}
+        model = timm.create_model(name, pretrained=False, **kwargs).eval()
+        size = args.img_size or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+        chans = 3
+        x1 = torch.randn(1, chans, size, size)
     dense_macs = fxprune.count_macs(model, x1)
     variants = [{"model": name, "variant": "dense", "method": "dense", "target": 1.0,
                  "align": None, "macs_ratio": 1.0, "module": model,
@@ -318,9 +406,12 @@ def bench_model(name: str, args, device, dtype, tp) -> list[dict]:
         return v
 
     for ratio, align in fx_configs:
-        variants.append(fx_variant(
-            {"model": name, "variant": f"fxprune-{ratio:g}-a{align}", "method": "fxprune",
-             "target": ratio, "align": align}, criterion=args.criterion))
+        v = {"model": name, "variant": f"fxprune-{ratio:g}-a{align}", "method": "fxprune",
+             "target": ratio, "align": align}
+        paper = flatten_paper(name, ratio, args.img_size) if ratio < 1.0 else None
+        if paper is not None:
+            v["paper"] = paper
+        variants.append(fx_variant(v, criterion=args.criterion))
     gmacs = toast_gmacs(name, args)
     for align in (args.aligns if gmacs is not None else []):
         v = {"model": name, "variant": f"toast-{gmacs:g}G-a{align}", "method": "toast",
@@ -333,7 +424,10 @@ def bench_model(name: str, args, device, dtype, tp) -> list[dict]:
             variants.append(v)
             continue
         variants.append(fx_variant(v, criterion="toast", dense_sites=(0,)))
-    if tp is not None:
+    if tp is not None and is_spec(name):
+        print(f"[{name}] Torch-Pruning skipped: its recipe is for timm models",
+              file=sys.stderr, flush=True)
+    if tp is not None and not is_spec(name):
         for ratio in args.ratios:
             for align in args.aligns:
                 v = {"model": name, "variant": f"tp-{ratio:g}-r{align}", "method": "torch_pruning",
@@ -358,7 +452,7 @@ def bench_model(name: str, args, device, dtype, tp) -> list[dict]:
             v["params"] = sum(p.numel() for p in v["module"].parameters())
             v["module"] = v["module"].to(device=device, dtype=dtype).eval()
 
-    x = torch.randn(args.batch, 3, size, size, device=device, dtype=dtype)
+    x = torch.randn(args.batch, chans, size, size, device=device, dtype=dtype)
     timer = Timer(device)
     results = []
     for compiled in args.compile_modes:
@@ -403,13 +497,22 @@ def bench_model(name: str, args, device, dtype, tp) -> list[dict]:
     return results
 
 
+def paper_cell(paper: dict | None) -> str:
+    """The paper column: ToaSt's figures (H100, batch 128) or AMAP's (RTX A6000)."""
+    if not paper:
+        return "-"
+    if isinstance(paper.get("speedup"), str):  # AMAP on FLatten-Swin: "1.3-1.4x"
+        return f"{paper['speedup']} ({paper['device']})"
+    return f"{paper['speedup']:.2f}x (H100, b128)"
+
+
 def markdown(doc: dict) -> str:
     cfg = doc["config"]
     lines = [f"Device: {doc['environment']['device_name']}; batch {cfg['batch']}, "
              f"{cfg['dtype']}, {cfg['img_size'] or 'default'} px, {cfg['rounds']} interleaved "
              f"rounds x {cfg['iters']} iters, medians; torch {doc['environment']['torch']}.", "",
              "| model | variant | compile | MACs ratio | ideal | img/s | speedup | realized/ideal "
-             "| paper speedup (H100, b128) | head dims q/k (min-max) | MLP widths (min-max) |",
+             "| paper speedup | head dims q/k (min-max) | MLP widths (min-max) |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
 
     def rng(vals):
@@ -421,7 +524,7 @@ def markdown(doc: dict) -> str:
                          f"| failed | - | - | {r['error'][:120]} | |")
             continue
         w = r.get("widths", {})
-        paper = f"{r['paper']['speedup']:.2f}x" if r.get("paper") else "-"
+        paper = paper_cell(r.get("paper"))
         lines.append(
             f"| {r['model']} | {r['variant']} | {'yes' if r['compile'] else 'no'} "
             f"| {r['macs_ratio']:.3f} | {r['ideal_speedup']:.2f}x | {r['images_per_s']:.1f} "
@@ -432,7 +535,8 @@ def markdown(doc: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line with the presets' defaults filled in (``--tiny``, ``--toast-paper``)."""
+    """The command line with the presets' defaults filled in (``--tiny``, ``--toast-paper``,
+    ``--flatten-paper``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     parser.add_argument("--tiny", action="store_true",
@@ -441,9 +545,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=None, metavar="NAME")
     parser.add_argument("--ratios", type=float, nargs="*", default=None,
                         help="fxprune (--criterion) and Torch-Pruning targets (default 0.7 0.5; "
-                             "toast-paper: none)")
+                             "toast-paper: none; flatten-paper: 0.9 0.7)")
     parser.add_argument("--aligns", type=int, nargs="+", default=None,
-                        help="default 8 1 (toast-paper: 8)")
+                        help="default 8 1 (toast-paper, flatten-paper: 8)")
     parser.add_argument("--toast", action="store_true",
                         help="add ToaSt rows (criterion='toast') at the paper's MACs for DeiT-S "
                              "and DeiT-B, or at --toast-gmacs for any model")
@@ -452,9 +556,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--toast-paper", action="store_true",
                         help="the ToaSt comparison: DeiT-S and DeiT-B, batch 128, dense, "
                              "fxprune-1-a8 and toast rows, align 8")
+    parser.add_argument("--flatten-paper", action="store_true",
+                        help="AMAP's FLatten comparison: FLatten-Swin-T dense, fxprune-1-a8 and "
+                             "fxprune at 0.9 and 0.7 (align 8), batch 128, bf16, eager and "
+                             "compiled; the paper's speed-ups printed beside")
     parser.add_argument("--criterion", default="similarity")
     parser.add_argument("--batch", type=int, default=None,
-                        help="default 256 (tiny: 4; toast-paper: 128)")
+                        help="default 256 (tiny: 4; toast-paper, flatten-paper: 128)")
     parser.add_argument("--img-size", type=int, default=None, help="default: model's (tiny: 64)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="default bf16 (tiny: fp32)")
@@ -477,13 +585,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSON result file")
     args = parser.parse_args(argv)
 
-    tiny, paper = args.tiny, args.toast_paper
+    tiny, paper, flat = args.tiny, args.toast_paper, args.flatten_paper
+    if paper and flat:
+        parser.error("--toast-paper and --flatten-paper are separate runs; pick one")
     args.toast = args.toast or paper or args.toast_gmacs is not None
     args.models = args.models or (["vit_tiny_patch16_224"] if tiny else
-                                  TOAST_MODELS if paper else DEFAULT_MODELS)
-    args.ratios = args.ratios if args.ratios is not None else ([] if paper else [0.7, 0.5])
-    args.aligns = args.aligns or ([8] if paper else [8, 1])
-    args.batch = args.batch or (4 if tiny else 128 if paper else 256)
+                                  TOAST_MODELS if paper else FLATTEN_MODELS if flat else
+                                  DEFAULT_MODELS)
+    args.ratios = args.ratios if args.ratios is not None else (
+        [] if paper else [0.9, 0.7] if flat else [0.7, 0.5])
+    args.aligns = args.aligns or ([8] if paper or flat else [8, 1])
+    args.batch = args.batch or (4 if tiny else 128 if paper or flat else 256)
     args.img_size = args.img_size or (64 if tiny else None)
     args.dtype = args.dtype or ("fp32" if tiny else "bf16")
     args.compile = args.compile or ("off" if tiny else "both")
@@ -522,6 +634,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import fxprune  # noqa: F401
 
+    mapped = plain_checkout_packages()
     notes = [
         "ideal = 1 / MACs ratio reached (fxprune.count_macs: matmul MACs; Torch-Pruning "
         "variants measured with the same MACs model).",
@@ -535,6 +648,15 @@ def main(argv: list[str] | None = None) -> int:
                      "(ToaSt, H100, batch 128): " + ", ".join(
                          f"{m} {p['gmacs']:g} G {p['speedup']:.2f}x"
                          for m, p in TOAST_PAPER.items()) + "; no Token Channel Selection.")
+    if mapped:
+        notes.append(f"Plain checkout: {', '.join(mapped)} loaded from the folders beside "
+                     "fxprune/ (not installed).")
+    if any(flatten_paper(m, r, args.img_size) for m in args.models for r in args.ratios):
+        notes.append("paper speed-ups for FLatten-Swin (AMAP Table 2, RTX A6000, AMAP-searched "
+                     "and trained models): " + "; ".join(
+                         f"{r:g}: {p['speedup']} ({p['source']})"
+                         for r, p in FLATTEN_PAPER.items())
+                     + ". Ours: fxprune.prune one-shot, random weights.")
     tp = tp_version = None
     if not args.no_torch_pruning:
         try:
@@ -542,7 +664,8 @@ def main(argv: list[str] | None = None) -> int:
             tp_version = dist_version("torch-pruning") or getattr(tp, "__version__", None)
             notes.append(f"Torch-Pruning {tp_version}: MetaPruner, GroupMagnitudeImportance(p=2)"
                          ", global_pruning=True, num_heads from each qkv, head dims pruned, "
-                         "round_to = align, pruning_ratio searched to the same MACs.")
+                         "round_to = align, pruning_ratio searched to the same MACs (timm "
+                         "models only, not model specs).")
         except Exception as exc:
             notes.append(f"Torch-Pruning skipped: not importable ({_err(exc)}).")
 
@@ -574,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
                    "iters": args.iters, "warmup": args.warmup, "tiny": tiny,
                    "tp_tol": args.tp_tol, "tp_max_evals": args.tp_max_evals,
                    "toast": args.toast, "toast_gmacs": args.toast_gmacs,
-                   "toast_paper": paper},
+                   "toast_paper": paper, "flatten_paper": args.flatten_paper},
         "results": results,
         "notes": notes,
     }

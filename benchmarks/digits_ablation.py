@@ -174,15 +174,17 @@ def kept_per_head(result) -> dict:
             for g, m in sorted(result.masks.items())}
 
 
-# The phases every digits benchmark shares (benchmarks/digits_toast.py imports them): the same
-# seed gives the same dense model, search, refine and fine-tune in every script.
+# The phases every digits benchmark shares (benchmarks/digits_toast.py and digits_flatten.py
+# import them): the same seed gives the same dense model, search, refine and fine-tune in every
+# script.
 
-def train_dense(data, seed: int, epochs: int) -> nn.Module:
-    """The seed's dense ``digits_vit``, trained from scratch (``fxprune.digits.train``)."""
+def train_dense(data, seed: int, epochs: int, factory=None) -> nn.Module:
+    """The seed's dense ``digits_vit`` (or ``factory()``, built after seeding), trained from
+    scratch (``fxprune.digits.train``)."""
     from fxprune.models.reference import digits_vit
 
     torch.manual_seed(seed)
-    return train(digits_vit(), data, epochs=epochs, seed=seed)
+    return train((factory or digits_vit)(), data, epochs=epochs, seed=seed)
 
 
 def search_config(args, seed: int) -> SearchConfig:

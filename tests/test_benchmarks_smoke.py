@@ -150,3 +150,55 @@ def test_bench_gpu_without_cuda_says_so(tmp_path):
     assert proc.returncode == 2
     assert "CUDA is not available" in proc.stderr
     assert not (tmp_path / "g.json").exists()
+
+
+def test_bench_gpu_flatten_on_cpu(tmp_path):
+    """The ``--flatten-paper`` path (an fxprune model spec, 0.9 and 0.7, align 8) on CPU with
+    the tiny FLatten-Swin instead of FLatten-Swin-T: builds, prunes, times, writes JSON."""
+    out = tmp_path / "gpu_flatten.json"
+    proc = run_script("bench_gpu.py", [
+        "--device", "cpu", "--flatten-paper", "--models", "fxprune:flatten.flatten_swin_nano",
+        "--batch", "2", "--dtype", "fp32", "--compile", "off", "--rounds", "2", "--iters", "1",
+        "--warmup", "1", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    cfg = doc["config"]
+    assert cfg["flatten_paper"] and cfg["ratios"] == [0.9, 0.7] and cfg["aligns"] == [8]
+    assert cfg["models"] == ["fxprune:flatten.flatten_swin_nano"]
+    rows = {r["variant"]: r for r in doc["results"]}
+    assert set(rows) == {"dense", "fxprune-1-a8", "fxprune-0.9-a8", "fxprune-0.7-a8"}
+    for row in rows.values():
+        assert "error" not in row, row
+        assert row["model"] == "fxprune:flatten.flatten_swin_nano" and row["compile"] is False
+        check_timed_row(row)
+        assert len(row["round_s"]) == 2
+        assert "paper" not in row  # the paper's figures are for FLatten-Swin-T/S/B at 224 px
+    for ratio in (0.9, 0.7):
+        row = rows[f"fxprune-{ratio:g}-a8"]
+        assert abs(row["macs_ratio"] - ratio) <= 0.03, row["macs_ratio"]
+        assert all(d % 8 == 0 for d in row["widths"]["qk_head_dims"])  # align 8
+        assert len(row["widths"]["qk_head_dims"]) == 4  # 2 linear + 2 window sites
+    assert rows["fxprune-0.7-a8"]["params"] < rows["dense"]["params"]
+    assert not any(r["variant"].startswith("tp-") for r in doc["results"])
+    assert "| fxprune-0.7-a8 |" in proc.stdout
+
+
+def test_bench_gpu_flatten_paper_selection():
+    """``--flatten-paper`` selects FLatten-Swin-T at 0.9 and 0.7, batch 128, bf16, eager and
+    compiled, and attaches the paper's speed-ups to FLatten-Swin rows at 224 px only."""
+    mod = load_bench("bench_gpu.py")
+    args = mod.parse_args(["--flatten-paper"])
+    assert args.models == ["fxprune:flatten.flatten_swin_tiny"]
+    assert args.ratios == [0.9, 0.7] and args.aligns == [8] and not args.toast
+    assert args.batch == 128 and args.dtype == "bf16" and args.compile_modes == [False, True]
+    tiny = "fxprune:flatten.flatten_swin_tiny"
+    assert mod.flatten_paper(tiny, 0.9, None)["speedup"] == "1.1x"
+    assert mod.flatten_paper(tiny, 0.7, 224)["speedup"] == "1.3-1.4x"
+    assert mod.flatten_paper(tiny, 0.5, None) is None
+    assert mod.flatten_paper(tiny, 0.7, 160) is None
+    assert mod.flatten_paper("fxprune:flatten.flatten_swin_nano", 0.7, None) is None
+    assert mod.flatten_paper("deit_small_patch16_224", 0.7, None) is None
+    assert mod.paper_cell(mod.FLATTEN_PAPER[0.7]) == "1.3-1.4x (RTX A6000)"
+    assert mod.paper_cell(mod.TOAST_PAPER["deit_small_patch16_224"]) == "1.95x (H100, b128)"
+    assert mod.is_spec(tiny) and not mod.is_spec("deit_small_patch16_224")
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--flatten-paper", "--toast-paper"])
