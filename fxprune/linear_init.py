@@ -10,10 +10,14 @@ is the rank-one matrix ``Q_i (K_i^T V)``, so its only non-zero singular value is
     T_i = | sigma(Q K^T V) - (|Q_i| |K_i^T V|, 0, ..., 0) |_2
 
 costs one small SVD per head and image. ``T`` is summed over the images of a few batches and
-normalised to [0, 1] per group: 0 is the most important channel. Since the indicator is a
-pruning score (a channel is kept while ``m* < tau``), the search starts from
-``m* = 0.9 * tau * T``: every channel is kept, and the least important ones start closest to
-the threshold.
+normalised to [0, 1] per group: 0 is the most important channel. The indicator is a pruning
+score (a channel is kept while ``m* < tau``) and every other indicator starts at 0, where the
+MACs loss starts pushing all of them up, each by what removing it saves. A linear-attention
+q/k channel saves its q and k rows plus ``N * d_v`` in each of two products, more than most
+channels, which is why the paper finds them removed severely without this start. So the
+search starts them at ``m* = (T - 1) * tau``: the least important channel where every other
+channel starts (0), the most important one a full ``tau`` further from the threshold. Every
+channel is kept at the start.
 
 The tensors are read at the site's nodes (``q`` of ``q @ (k^T v)``, and ``k``, ``v`` of
 ``k^T v``); a head's channels are found from the analysis labels (heads folded into the batch
@@ -39,7 +43,7 @@ import numpy as np
 import torch
 import torch.fx
 
-INIT_FRACTION = 0.9  # of tau: the least important channel starts just below the threshold
+HEAD_START = 1.0  # in units of tau: how far below 0 the most important channel starts
 
 
 class _Capture(torch.fx.Interpreter):

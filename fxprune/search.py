@@ -223,9 +223,11 @@ def _linear_init_scores(gm, analysis, loader, config):
 
 
 def _start_from_scores(gated, analysis, indicators, scores, config) -> None:
-    """``m = 0.9 * tau * score / w``: the weighted score ``m*`` starts below tau for every
-    unit, so the search starts from the dense model with the ranking of eq. 6."""
-    from .linear_init import INIT_FRACTION
+    """``m = (score - 1) * tau / w``: the weighted score ``m*`` of a linear-attention q/k unit
+    starts between ``-tau`` (most important) and 0 (least important, where every other
+    indicator starts), so every unit is kept and the important ones are the last the MACs loss
+    pushes over tau (see :mod:`fxprune.linear_init`)."""
+    from .linear_init import HEAD_START
     from .oneshot import _units
 
     if config.similarity:
@@ -234,7 +236,8 @@ def _start_from_scores(gated, analysis, indicators, scores, config) -> None:
         ind = indicators[gi]
         units = _units(analysis.groups[gi], score.reshape(analysis.groups[gi].layout.shape))
         w = ind.w if config.similarity else torch.ones_like(ind.w)
-        start = INIT_FRACTION * config.tau * torch.as_tensor(units.scores, dtype=torch.float32)
+        unit_scores = torch.as_tensor(units.scores, dtype=torch.float32)
+        start = HEAD_START * config.tau * (unit_scores - 1.0)
         with torch.no_grad():
             ind.m.copy_(start.reshape(ind.m.shape) / w)
 

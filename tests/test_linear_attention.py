@@ -265,6 +265,11 @@ def test_linear_init_scores_in_unit_interval_and_search_keeps_everything_at_star
         ind = inds[gi]
         assert float(ind.m.abs().sum()) > 0       # started from the scores, not zeros
         assert bool((ind.keep() == 1).all())        # ... and still keeps every channel
+        # most important channel a full tau below 0 (where every other indicator starts),
+        # none above 0: the start protects, it never pushes toward removal
+        m_star = (ind.m * ind.w).detach()  # before rank averaging across heads
+        assert float(m_star.min()) == pytest.approx(-0.5, abs=1e-6)
+        assert float(m_star.max()) == pytest.approx(0.0, abs=1e-6)
     off = search(model, [(x, y)], x[:1], macs_ratio=0.6, epochs=1, max_steps=1,
                          progress=False, lr=0.0, indicator_lr=0.0, linear_init=False)
     assert off.linear_init == {}
