@@ -14,9 +14,13 @@ and the whole of ``prune``) so a missed target points at its stage. When ``torch
 importable, ``torch_pruning.DependencyGraph().build_dependency(model, example_inputs=x)`` on the
 ViT-L model is timed in the same run, the same way.
 
+``--profile FILE`` also writes a cProfile of one more ``trace+analyze+prune`` run (after the
+timed ones; top 60 entries by cumulative time) to ``FILE``.
+
 Usage::
 
     python benchmarks/bench_pipeline.py --out benchmarks/results/pipeline.json
+    python benchmarks/bench_pipeline.py --profile /tmp/prune.prof.txt
 """
 
 from __future__ import annotations
@@ -98,7 +102,8 @@ def bench_analyze(name: str, repeats: int, tp) -> dict:
     return row
 
 
-def bench_prune(name: str, repeats: int, ratio: float, align: int) -> dict:
+def bench_prune(name: str, repeats: int, ratio: float, align: int,
+                profile: str | None = None) -> dict:
     import fxprune
     from fxprune.oneshot import plan
     from fxprune.passbase import copy_graph_module
@@ -129,7 +134,25 @@ def bench_prune(name: str, repeats: int, ratio: float, align: int) -> dict:
     row["copy+prepare_s"] = timed(lambda: prepare(copy_graph_module(gm)), repeats)
     pruned = full()
     row["macs_ratio_reached"] = pruned.meta["fxprune.macs_ratio"]
+    if profile:
+        row["profile"] = write_profile(full, profile)
     return row
+
+
+def write_profile(fn: Callable, path: str) -> str:
+    """cProfile of one ``fn()`` call, top 60 entries by cumulative time, written to ``path``."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(60)
+    Path(path).write_text(text.getvalue())
+    return path
 
 
 def _loads(t: dict) -> str:
@@ -183,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-torch-pruning", action="store_true")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSON result file")
+    parser.add_argument("--profile", default=None, metavar="FILE",
+                        help="also write a cProfile of one trace+analyze+prune run to FILE")
     args = parser.parse_args(argv)
 
     import torch
@@ -213,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"timing trace+analyze on {args.analyze_model} ...", file=sys.stderr, flush=True)
     a = bench_analyze(args.analyze_model, args.repeats, tp)
     print(f"timing trace+analyze+prune on {args.prune_model} ...", file=sys.stderr, flush=True)
-    p = bench_prune(args.prune_model, args.repeats, args.ratio, args.align)
+    p = bench_prune(args.prune_model, args.repeats, args.ratio, args.align, args.profile)
+    if args.profile:
+        notes.append(f"cProfile of one more trace+analyze+prune run: {args.profile}")
     try:
         load_after = [round(v, 2) for v in os.getloadavg()]
     except OSError:

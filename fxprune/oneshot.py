@@ -288,10 +288,19 @@ def plan(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simil
         >>> sorted({p.analysis.groups[g].kind for g in p.masks})
         ['mlp', 'qk', 'v']
     """
+    return _plan(model, example_inputs, macs_ratio, criterion, align, seed, prepare,
+                 dense_sites, heads, match_qk_v)
+
+
+def _plan(model, example_inputs, macs_ratio, criterion, align, seed, prepare, dense_sites,
+          heads, match_qk_v, share_params: bool = False) -> PrunePlan:
+    """:func:`plan`; with ``share_params`` the returned graph's modules are its own but its
+    parameters and buffers are still the model's (:func:`prune` slices, then copies only the
+    ones slicing did not replace: see :func:`_own_tensors`)."""
     _validate(macs_ratio, criterion, align)
     gm = trace(model, example_inputs)
     # fx shares submodules with the model it traced: own them before slicing in place
-    gm = _own_copy(gm)
+    gm = _own_copy(gm, share_params=share_params)
     if prepare:
         from .pipeline import prepare as run_prepare
 
@@ -356,12 +365,16 @@ def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simi
     """
     from .passes.slice import Slice
 
-    decided = plan(model, example_inputs, macs_ratio, criterion, align, seed, prepare,
-                   dense_sites, heads, match_qk_v)
+    # the plan's graph shares the model's parameters: copying them all up front would be
+    # wasted on the pruned ones, which slicing replaces; the others are copied after it
+    decided = _plan(model, example_inputs, macs_ratio, criterion, align, seed, prepare,
+                    dense_sites, heads, match_qk_v, share_params=True)
     gm, analysis, masks, dense = (decided.graph_module, decided.analysis, decided.masks,
                                   decided.dense_macs)
+    model_storages = _storages(gm)
     result = Slice(keep=masks, inplace=True)(gm) if masks else None
     pruned = result.graph_module if result is not None else _dense_copy(gm)
+    _own_tensors(pruned, model_storages)
     reached = count_macs(pruned) / dense
     pruned.meta["fxprune.macs_ratio"] = round(reached, 4)
     pruned.meta["fxprune.dense_macs"] = dense
@@ -374,10 +387,43 @@ def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simi
     return pruned
 
 
-def _own_copy(gm):
+def _own_copy(gm, share_params: bool = False):
+    """A copy of ``gm`` that owns its modules (fx shares them with the traced model). With
+    ``share_params`` the parameters and buffers stay shared (see :func:`_own_tensors`)."""
     from .passbase import copy_graph_module
 
-    return copy_graph_module(gm)
+    if not share_params:
+        return copy_graph_module(gm)
+    memo = {id(t): t for _, t in gm.named_parameters(remove_duplicate=False)}
+    memo.update((id(t), t) for _, t in gm.named_buffers(remove_duplicate=False))
+    return copy_graph_module(gm, memo=memo)
+
+
+def _storages(gm) -> set[int]:
+    """Data pointers of the storages behind ``gm``'s parameters and buffers."""
+    tensors = [t for _, t in gm.named_parameters(remove_duplicate=False)]
+    tensors += [t for _, t in gm.named_buffers(remove_duplicate=False)]
+    return {t.untyped_storage().data_ptr() for t in tensors
+            if t.device.type != "meta" and t.numel()}
+
+
+def _own_tensors(gm, storages: set[int]) -> None:
+    """Replace every parameter and buffer of ``gm`` whose storage is one of ``storages`` (the
+    model's) by a copy, so that the pruned model never shares memory with the original; tied
+    names stay one tensor."""
+    copies: dict[int, torch.Tensor] = {}
+    for mod in gm.modules():
+        for table in (mod._parameters, mod._buffers):
+            for name, t in table.items():
+                if t is None or t.device.type == "meta" or not t.numel() or \
+                        t.untyped_storage().data_ptr() not in storages:
+                    continue
+                if id(t) not in copies:
+                    new = t.detach().clone()
+                    if isinstance(t, torch.nn.Parameter):
+                        new = torch.nn.Parameter(new, requires_grad=t.requires_grad)
+                    copies[id(t)] = new
+                table[name] = copies[id(t)]
 
 
 def _dense_copy(gm):

@@ -51,7 +51,8 @@ class FxPass:
     Subclasses set ``name`` (stable, kebab-case) and ``Options`` (a frozen dataclass) and
     implement :meth:`run`. :meth:`requires` checks preconditions and raises
     :class:`PassOrderError` naming the pass to run first; :meth:`ensures` checks the result
-    (by default: the graph lints and the module recompiles).
+    (by default: the graph lints and, when the pass changed something, the module recompiles;
+    :meth:`run` need not recompile itself).
     """
 
     name: ClassVar[str] = "fx-pass"
@@ -78,7 +79,8 @@ class FxPass:
         gm = result.graph_module
         try:
             gm.graph.lint()
-            gm.recompile()
+            if result.modified or result.changes:  # an unchanged module's code is current
+                gm.recompile()
         except Exception as exc:  # a broken graph is a bug in the pass: say which one
             raise FxPruneError(self.name, f"pass left an invalid graph: {exc}",
                                hint="report this as an fxprune bug with the model") from exc
@@ -111,15 +113,17 @@ def require_meta(pass_name: str, gm: torch.fx.GraphModule, key: str, producer: s
     return value
 
 
-def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Deep copy of a GraphModule including its node.meta and gm.meta (passes work on copies)."""
+def copy_graph_module(gm: torch.fx.GraphModule, memo: dict | None = None
+                      ) -> torch.fx.GraphModule:
+    """Deep copy of a GraphModule including its node.meta and gm.meta (passes work on copies).
+    ``memo`` is :func:`copy.deepcopy`'s: objects it maps are shared instead of copied."""
     import copy
 
     # the analysis holds nodes of this graph: deep-copying it would walk the whole node list
     # recursively. Passes look nodes up by name, so the copy shares the (read-only) analysis.
     analysis = gm.meta.pop("fxprune.analysis", None)
     try:
-        new = copy.deepcopy(gm)
+        new = copy.deepcopy(gm, memo)
     finally:
         if analysis is not None:
             gm.meta["fxprune.analysis"] = analysis

@@ -22,6 +22,9 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from .errors import InputError, TraceError
 
 WHERE = "fxprune.trace"
+#: ``gm.meta`` key: how :func:`propagate_shapes` last got the graph's values ("meta": meta
+#: tensors, "fake": fake tensors, "real": a real run)
+SHAPE_PROP_KEY = "fxprune.shape_prop"
 
 
 def _as_tuple(example_inputs: Any) -> tuple:
@@ -126,30 +129,112 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Te
                          hint="pass one example tensor per model input")
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    gm.meta.pop(SHAPE_PROP_KEY, None)
     try:
         _MetaShapeProp(gm).propagate(example_inputs)
+        gm.meta[SHAPE_PROP_KEY] = "meta"
         return
     except Exception:  # noqa: BLE001 - some ops need values; fake tensors handle more
         pass
     try:
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         FakeTensorProp(gm, mode).propagate(*example_inputs)
+        gm.meta[SHAPE_PROP_KEY] = "fake"
         return
     except Exception as fake_exc:  # noqa: BLE001 - retried with real tensors below
         fake_error = fake_exc
     _RealShapeProp(gm).run_checked(example_inputs, where, fake_error)
+    gm.meta[SHAPE_PROP_KEY] = "real"
 
 
 def _to_meta(v):
     return torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v
 
 
+def _memo_functions() -> frozenset:
+    import torch.nn.functional as F
+
+    return frozenset({F.layer_norm, torch.layer_norm, F.linear,
+                      F.scaled_dot_product_attention})
+
+
+#: ops whose meta kernels are slow (Python reference implementations) and whose output is a
+#: fresh tensor determined by the inputs' metadata alone: their results are memoized
+_MEMO_FUNCTIONS = _memo_functions()
+_MEMO_MODULES = (torch.nn.Linear, torch.nn.LayerNorm)
+
+
+def _signature(value):
+    """Hashable description of an argument for the meta-result memo (None: not memoizable)."""
+    if isinstance(value, torch.Tensor):
+        if type(value) is not torch.Tensor or value.device.type != "meta":
+            return None
+        return ("T", tuple(value.shape), value.stride(), value.dtype, value.storage_offset(),
+                value.requires_grad)
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        return (type(value).__name__, value)
+    if isinstance(value, (tuple, list)):
+        parts = tuple(_signature(v) for v in value)
+        return None if any(p is None for p in parts) else (type(value).__name__, parts)
+    return None
+
+
+def _has_hooks(mod: torch.nn.Module) -> bool:
+    """Forward hooks (the module's or global ones) may change what a call returns."""
+    from torch.nn.modules import module as module_mod
+
+    return bool(mod._forward_hooks or mod._forward_pre_hooks
+                or getattr(module_mod, "_global_forward_hooks", None)
+                or getattr(module_mod, "_global_forward_pre_hooks", None))
+
+
 class _MetaShapeProp(torch.fx.Interpreter):
     """Fastest shape propagation: parameters, buffers and inputs swapped for meta tensors
-    (no arithmetic at all). Ops that need values fail here and fall back to fake tensors."""
+    (no arithmetic at all). Ops that need values fail here and fall back to fake tensors.
+
+    The repeated blocks of a ViT call the same slow meta kernels (layer norm, linear, SDPA)
+    with the same input metadata again and again: those results are memoized by the inputs'
+    shapes, strides and dtypes, and a repeat gets a fresh meta tensor of the same shape,
+    strides and dtype (what the kernel would return)."""
+
+    def __init__(self, module):
+        super().__init__(module)
+        self._memo: dict = {}
 
     def fetch_attr(self, target: str):
         return _to_meta(super().fetch_attr(target))
+
+    def call_function(self, target, args, kwargs):
+        if target not in _MEMO_FUNCTIONS:
+            return super().call_function(target, args, kwargs)
+        return self._memoized(("function", target), args, kwargs,
+                              lambda: super(_MetaShapeProp, self).call_function(
+                                  target, args, kwargs))
+
+    def call_module(self, target, args, kwargs):
+        mod = self.fetch_attr(target)
+        if type(mod) not in _MEMO_MODULES or _has_hooks(mod):
+            return super().call_module(target, args, kwargs)
+        state = (type(mod), getattr(mod, "normalized_shape", None),
+                 tuple((k, _signature(v)) for k, v in mod._parameters.items()))
+        return self._memoized(("module", state), args, kwargs,
+                              lambda: super(_MetaShapeProp, self).call_module(
+                                  target, args, kwargs))
+
+    def _memoized(self, what, args, kwargs, compute):
+        key = (what, _signature(tuple(args)), _signature(tuple(sorted(kwargs.items()))))
+        params_ok = what[0] != "module" or all(v is not None for _, v in what[1][2])
+        if key[1] is None or key[2] is None or not params_ok:
+            return compute()
+        hit = self._memo.get(key)
+        if hit is not None:
+            shape, stride, dtype = hit
+            return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+        out = compute()
+        if type(out) is torch.Tensor and out.device.type == "meta" and \
+                out.storage_offset() == 0 and not out.requires_grad:
+            self._memo[key] = (tuple(out.shape), out.stride(), out.dtype)
+        return out
 
     def run_node(self, n: torch.fx.Node) -> Any:
         out = super().run_node(n)
@@ -239,11 +324,14 @@ def trace(model: Any, example_inputs: Any) -> torch.fx.GraphModule:
         raise InputError(WHERE, f"expected an nn.Module, GraphModule or ExportedProgram, got "
                          f"{type(model).__name__}",
                          hint="pass the model object itself (e.g. timm.create_model(...))")
+    retyped = False
     for node in gm.graph.nodes:
         if isinstance(node.type, str):
             # string annotations (``from __future__ import annotations``) break pickling
             node.type = None
-    gm.recompile()
+            retyped = True
+    if retyped or source != "nn.Module":  # a freshly built GraphModule's code is current
+        gm.recompile()
     propagate_shapes(gm, inputs)
     gm.meta["fxprune.traced_from"] = source
     gm.meta["fxprune.input_shapes"] = [tuple(t.shape) for t in inputs]

@@ -80,7 +80,8 @@ class Slice(FxPass):
         plan = apply_slice(out, analysis, keep, changes)
         out.graph.eliminate_dead_code()
         out.graph.lint()
-        out.recompile()
+        if not (plan or changes):  # else ensures() recompiles (once)
+            out.recompile()
         out.meta[PLAN_KEY] = plan
         out.meta.pop(ANALYSIS_KEY, None)
         out.meta.pop(GATES_KEY, None)

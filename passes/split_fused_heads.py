@@ -34,7 +34,7 @@ import torch.fx
 from fxprune.layout import reshape_groups
 from fxprune.oprules import op_name
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
-from fxprune.tracing import example_zeros, propagate_shapes
+from fxprune.tracing import SHAPE_PROP_KEY, example_zeros, propagate_shapes
 
 VIEW_OPS = {"view", "reshape", "_unsafe_view"}
 CHAIN_OPS = {"permute", "transpose", "contiguous"}
@@ -73,24 +73,25 @@ class SplitFusedHeads(FxPass):
     def run(self, gm: torch.fx.GraphModule) -> PassResult:
         out = gm if self.options.inplace else copy_graph_module(gm)
         changes, refused = [], []
+        created: list = []    # new nodes, in creation order
+        replaced: list = []   # (value of a removed part taker, the node now computing it)
         for node in list(out.graph.nodes):
             if node.op not in ("call_method", "call_function") or op_name(node, out) not in \
                     VIEW_OPS:
                 continue
-            reason = self._try(out, node, changes)
+            reason = self._try(out, node, changes, created, replaced)
             if reason not in (None, "no match"):
                 refused.append((node.name, reason))
         if changes:
             out.meta.pop("fxprune.analysis", None)  # it describes the old graph
-            out.graph.eliminate_dead_code()
-            out.recompile()
+            out.graph.eliminate_dead_code()  # ensures() recompiles
             shapes = out.meta.get("fxprune.input_shapes")
-            if shapes:
+            if shapes and not _local_vals(out, created, replaced):
                 propagate_shapes(out, example_zeros(out), where=self.name)
         return PassResult(out, bool(changes), changes,
                           {"rewritten": len(changes), "refused": refused})
 
-    def _try(self, gm, view, changes) -> str | None:
+    def _try(self, gm, view, changes, created=None, replaced=None) -> str | None:
         src = view.args[0]
         in_shape, out_shape = _shape(src), _shape(view)
         if not in_shape or not out_shape or not isinstance(src, torch.fx.Node):
@@ -137,12 +138,18 @@ class SplitFusedHeads(FxPass):
             with gm.graph.inserting_before(takers[i] if takers[i].op != "output" else cur):
                 x = gm.graph.call_function(
                     operator.getitem, (src, (Ellipsis, slice(i * width, (i + 1) * width))))
+                new = [x]
                 x = gm.graph.call_method("reshape", (x, *new_args))
+                new.append(x)
                 pd = part_dim
                 for _link, perm in chain:
                     new_perm = [d - (d > pd) for d in perm if d != pd]
                     pd = perm.index(pd)
                     x = gm.graph.call_method("permute", (x, *new_perm))
+                    new.append(x)
+            if created is not None:
+                created.extend(new)
+                replaced.append((takers[i].meta.get("val"), x))
             takers[i].replace_all_uses_with(x)
         for t in takers:
             gm.graph.erase_node(t)
@@ -178,3 +185,42 @@ class SplitFusedHeads(FxPass):
             return None
         return [got[i][0] for i in range(parts)]
 
+
+def _same_meta(a, b) -> bool:
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+            and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+            and a.stride() == b.stride() and a.storage_offset() == b.storage_offset())
+
+
+def _local_vals(gm, created, replaced) -> bool:
+    """``node.meta["val"]`` of the new nodes, computed from their inputs' values, instead of a
+    shape propagation over the whole graph. Only where the whole graph's values come from
+    the meta-tensor propagation (what the full one would run again), and only when each part's
+    new value looks exactly like the one it replaces (shape, dtype, strides, offset): every
+    other node then keeps the value the full propagation would give it. Returns False
+    (propagate the whole graph) otherwise."""
+    from torch.fx.node import map_arg
+    from torch.utils._pytree import tree_leaves
+
+    if gm.meta.get(SHAPE_PROP_KEY) != "meta" or any(
+            isinstance(v, torch.Tensor) and v.device.type != "meta"
+            for n in gm.graph.nodes for v in tree_leaves(n.meta.get("val"))):
+        return False
+
+    def val(a):
+        if "val" not in a.meta:
+            raise KeyError(a.name)
+        return a.meta["val"]
+
+    try:
+        with torch.no_grad():
+            for node in created:
+                args = map_arg(node.args, val)
+                kwargs = map_arg(node.kwargs, val)
+                if node.op == "call_function":
+                    node.meta["val"] = node.target(*args, **kwargs)
+                else:
+                    node.meta["val"] = getattr(args[0], node.target)(*args[1:], **kwargs)
+    except Exception:  # noqa: BLE001 - whatever fails here, the full propagation handles
+        return False
+    return all(_same_meta(old, new.meta["val"]) for old, new in replaced)
