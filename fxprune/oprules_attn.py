@@ -235,6 +235,28 @@ def _conv_fn(p: Propagator, node) -> Any:
 
 
 # -- normalisation ------------------------------------------------------------------------
+def _lp_normalize_fn(p: Propagator, node) -> Any:
+    """``F.normalize(x, p, dim)`` = ``x / max(|x|_p over dim, eps)``: the norm is a reduction
+    over ``dim`` (a sink when it covers all of a comp's channel dims and ``p > 0``, a freeze
+    otherwise, as for any reduction), the division is elementwise."""
+    x = p.tv(node.args[0])
+    if x is None:
+        return p.unlabeled_like(node)
+    order = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 2.0)
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 1)
+    if not isinstance(dim, int) or not isinstance(order, (int, float)):
+        return _o()._unknown(p, node, "normalize with a non-constant p or dim")
+    dim %= x.ndim
+    for c in x.comps:
+        if dim not in c.span:
+            continue
+        if not x.soft and set(c.span) <= {dim} and order > 0:
+            p.sinks.append(_o().Sink(node, 0, c, "reduce"))
+        else:
+            p.store.freeze(c.lab, f"normalize (p={order:g}) over channels at {node.name}")
+    return TV(list(x.comps), x.shape, x.soft)
+
+
 def _layer_norm_fn(p: Propagator, node) -> Any:
     shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
     k = len(shape) if isinstance(shape, (list, tuple)) else 1
@@ -507,6 +529,7 @@ RULES = {
     "addmm": _addmm, "einsum": _einsum, "scaled_dot_product_attention": _sdpa,
     "conv1d": _conv_fn, "conv2d": _conv_fn, "convolution": _conv_fn,
     "layer_norm": _layer_norm_fn, "native_layer_norm": _layer_norm_fn,
+    "normalize": _lp_normalize_fn,
     "rms_norm": _rms_norm_fn, "group_norm": _group_norm_fn, "batch_norm": _batch_norm_fn,
     "_native_batch_norm_legit_no_training": _batch_norm_fn,
     "getitem": _getitem, "index": _getitem,

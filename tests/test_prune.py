@@ -237,3 +237,28 @@ def test_whole_head_pruning_keeps_head_dim_and_is_exact():
     reference = outputs(zeroed_original(model, pruned.meta["fxprune.plan"]), x)
     assert rel_err(outputs(pruned, x), reference) < 1e-4
     assert pruned.meta["fxprune.macs_ratio"] <= 0.62
+
+
+def test_swinv2_cosine_attention_prunes_exactly():
+    """Regression: timm SwinV2 normalises q and k per head (``F.normalize``). That op was
+    opaque, so no site was found, v had no head layout and slicing refused it (SliceError).
+    Now q/k are frozen with the reason and v, MLPs prune exactly. Post-norm weights start at
+    zero in timm (every block would be a no-op), so they are randomised here."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("swinv2_tiny_window8_256", pretrained=False, depths=(1, 1, 1, 1),
+                              num_classes=10).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and p.ndim == 1:
+                p.normal_(1.0, 0.3)
+    x = torch.randn(1, 3, 256, 256)
+    a = fxprune.analyze(fxprune.trace(model, x))
+    assert [s.kind for s in a.attention] == ["window"] * 4
+    assert all("normalize" in a.groups[s.qk_group].frozen for s in a.attention)
+    pruned = fxprune.prune(model, x, macs_ratio=0.7, align=8)
+    assert abs(pruned.meta["fxprune.macs_ratio"] - 0.7) <= 0.02
+    reference = outputs(zeroed_original(model, pruned.meta["fxprune.plan"]), x)
+    got = outputs(pruned, x)
+    assert rel_err(got, reference) < 1e-4
+    assert rel_err(got, outputs(model, x)) > 1e-3  # the check is not vacuous
