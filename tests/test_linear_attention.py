@@ -308,3 +308,29 @@ def test_linear_init_reads_folded_heads_like_unfolded_ones():
         scores.append([got[g] for g in sorted(got)])
     for s4, sf in zip(*scores):
         np.testing.assert_allclose(sf, s4, atol=1e-6)
+
+
+class _NormalizedLinear(_MeanNormLinear):
+    """q and k L2-normalised over ALL channels (before the head split): a zero-safe norm, so
+    q/k stay prunable, gated at the normalize."""
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k = F.normalize(F.relu(q), dim=-1), F.normalize(F.relu(k), dim=-1)
+        q, k, v = (t.reshape(B, N, self.h, self.d).transpose(1, 2) for t in (q, k, v))
+        out = q @ (k.transpose(-2, -1) @ v)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C)) + x
+
+
+def test_normalize_over_all_channels_is_gated_not_frozen():
+    model = _NormalizedLinear().eval()
+    x = torch.randn(2, 5, 16)
+    gm, a = _prepared(model, x)
+    qk = a.groups[a.attention[0].qk_group]
+    assert qk.prunable and any(s.kind == "reduce" for s in qk.sinks)
+    masks = _random_masks(a, np.random.default_rng(0))
+    masks[qk.index] = np.ones(qk.layout.shape, bool)
+    masks[qk.index][:, :3] = False  # three q/k channels of every head go
+    gated, sliced = gated_and_sliced(gm, masks)
+    assert rel_err(outputs(sliced, x), outputs(gated, x)) < 1e-4
