@@ -17,3 +17,17 @@ settings.register_profile(
     "slow", max_examples=1000, deadline=None, derandomize=False, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci")
+
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: small-op workloads (the digits benchmarks' smoke runs) are many times
+    slower with two threads on a loaded 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from benchutil import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -64,15 +65,6 @@ def test_bench_speed_tiny(tmp_path):
         assert all(d % 8 == 0 for d in w["qk_head_dims"] + w["v_head_dims"])  # align 8
     assert "| pruned-0.7-a8 |" in proc.stdout  # the markdown table
 
-
-def load_bench(name: str):
-    """A benchmark script as a module (they import ``_env`` from their own folder)."""
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), BENCH / name)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_bench_gpu_tiny_on_cpu(tmp_path):

@@ -11,37 +11,17 @@ machine are many times slower with two).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
-import torch
+from benchutil import load_bench
 
 pytest.importorskip("sklearn")
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("digits_flatten",
-                                                  ROOT / "benchmarks" / "digits_flatten.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 def test_digits_flatten_tiny(tmp_path, one_thread, capsys):
-    mod = _load()
+    mod = load_bench("digits_flatten.py")
     out = tmp_path / "digits_flatten.json"
     # 3 search epochs at indicator lr 0.1: one epoch is too few for the AMAP search to land
     # near its target (see digits_ablation.py's --quick)

@@ -10,34 +10,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from benchutil import load_bench
 
 pytest.importorskip("sklearn")
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _load_ablation():
-    spec = importlib.util.spec_from_file_location("digits_ablation",
-                                                  ROOT / "benchmarks" / "digits_ablation.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 def test_digits_ablation_quick(tmp_path, one_thread, capsys):
-    mod = _load_ablation()
+    mod = load_bench("digits_ablation.py")
     out = tmp_path / "ablation.json"
     returned = mod.main(["--out", str(out), "--quick", "--threads", "1"])
     rows = json.loads(out.read_text())
