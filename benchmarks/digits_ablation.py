@@ -330,17 +330,25 @@ def main(argv=None) -> list[dict]:
     print(f"digits ablation: {args.seeds} seed(s), dense {args.dense_epochs} ep, search/refine "
           f"{args.epochs} ep, macs_ratio {args.macs_ratio}, {torch.get_num_threads()} threads",
           flush=True)
+    return run_all_seeds(data, args, run_seed, summarize, log)
+
+
+def run_all_seeds(data, args, run_one_seed, summarize_rows, log) -> list[dict]:
+    """Run ``run_one_seed(data, seed, args, log)`` for every seed, write the rows to
+    ``args.out`` as JSON, print ``summarize_rows(rows)`` and the time taken; returns the rows.
+    Shared by the digits benchmarks (ablation, ToaSt, FLatten)."""
     start, cpu_start = time.perf_counter(), time.process_time()
     rows = []
     for seed in range(args.seeds):
-        print(f"seed {seed}", flush=True)
-        rows += run_seed(data, seed, args, log)
+        print(f"seed {seed} ({seed + 1}/{args.seeds}, {time.perf_counter() - start:.0f} s "
+              "elapsed)", flush=True)
+        rows += run_one_seed(data, seed, args, log)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
     print()
-    print(summarize(rows))
+    print(summarize_rows(rows))
     print(f"\ntotal {elapsed:.0f} s wall, {cpu:.0f} s CPU time of this process "
           f"(wall >> CPU x threads means other processes shared the cores); "
           f"rows written to {args.out}")

@@ -62,8 +62,6 @@ and of how many; every MLP's ``kept``/``of``), for AMAP rows ``kept_per_head``,
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -279,21 +277,7 @@ def main(argv=None) -> list[dict]:
     print(f"digits FLatten-Swin (AMAP linear init): {args.seeds} seed(s), dense "
           f"{args.dense_epochs} ep, search/refine/fine-tune {args.epochs} ep, macs_ratio "
           f"{args.macs_ratio}, {torch.get_num_threads()} threads", flush=True)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    rows = []
-    for seed in range(args.seeds):
-        print(f"seed {seed} ({seed + 1}/{args.seeds}, {time.perf_counter() - start:.0f} s "
-              "elapsed)", flush=True)
-        rows += run_seed(data, seed, args, log)
-    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=1)
-    print()
-    print(summarize(rows))
-    print(f"\ntotal {elapsed:.0f} s wall, {cpu:.0f} s CPU time of this process; rows written "
-          f"to {args.out}")
-    return rows
+    return abl.run_all_seeds(data, args, run_seed, summarize, log)
 
 
 if __name__ == "__main__":

@@ -64,8 +64,6 @@ for ``toast+tcs`` ``prune_macs_ratio``, ``ratio_search``, ``macs_ratio_before_tc
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -273,20 +271,7 @@ def main(argv=None) -> list[dict]:
           f"search/refine/fine-tune {args.epochs} ep, macs_ratio {args.macs_ratio}, TCS keep "
           f"{args.tcs_keep} sample {args.tcs_sample}, {torch.get_num_threads()} threads",
           flush=True)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    rows = []
-    for seed in range(args.seeds):
-        print(f"seed {seed}", flush=True)
-        rows += run_seed(data, seed, args, log)
-    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=1)
-    print()
-    print(summarize(rows))
-    print(f"\ntotal {elapsed:.0f} s wall, {cpu:.0f} s CPU time of this process; rows written "
-          f"to {args.out}")
-    return rows
+    return abl.run_all_seeds(data, args, run_seed, summarize, log)
 
 
 if __name__ == "__main__":
