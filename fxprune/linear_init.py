@@ -43,6 +43,8 @@ import numpy as np
 import torch
 import torch.fx
 
+from .gates import batch_period
+
 HEAD_START = 1.0  # in units of tau: how far below 0 the most important channel starts
 
 
@@ -72,7 +74,7 @@ def _by_heads(t: torch.Tensor, node, group_channels: np.ndarray | None, analysis
         return None, f"{node.name}: no single channel component"
     lab, span = entries[0]
     if 0 in span:  # heads folded into the batch dim: unfold (B*h, ...) -> (B, h, ...)
-        period = _period(lab)
+        period = batch_period(torch.from_numpy(np.ascontiguousarray(lab)))
         if t.shape[0] % period:
             return None, f"{node.name}: channels folded into the batch dim"
         t = t.reshape(t.shape[0] // period, period, *t.shape[1:])
@@ -87,15 +89,6 @@ def _by_heads(t: torch.Tensor, node, group_channels: np.ndarray | None, analysis
     ch = analysis.components.channel_of(
         lab.reshape([lab.shape[d] for d in span]).reshape(heads, -1))
     return x, ch
-
-
-def _period(lab: np.ndarray) -> int:
-    """Smallest period of the labels along dim 0 (the heads of a folded batch dim)."""
-    n = lab.shape[0]
-    for p in range(1, n + 1):
-        if n % p == 0 and (lab.reshape(n // p, p, *lab.shape[1:]) == lab[None, :p]).all():
-            return p
-    return n
 
 
 def _to_layout(x: torch.Tensor, ch: np.ndarray, layout: np.ndarray):
