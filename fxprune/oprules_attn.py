@@ -51,6 +51,7 @@ def _contraction(p: Propagator, node, a_arg, b_arg, la, lb, lo, *, arg_positions
     n_sinks = len(p.sinks)
     out = p.contract([(a, la), (b, lb)], lo, sink_args=list(arg_positions), sink_kind="matmul")
     hard_contracted, by_operand, fresh_heads = p._last_contraction
+    b = p.last_operands[1]
     if len(hard_contracted) == 2:
         # both operands are activations whose channels meet here: a q.k product
         new = p.sinks[n_sinks:]
@@ -201,6 +202,7 @@ def _sdpa(p: Propagator, node) -> Any:
     out = p.contract([(scores, batch + "NM"), (v, batch + "ME")], batch + "NE")
     out.shape = _shape(node) or out.shape
     if len(hard_contracted) == 2:
+        v = p.last_operands[1]
         v_comps = [c for c in (v.comps if v else []) if c.span]
         site = RawSite(node, q_arg, k_arg, by_operand[0], by_operand[1],
                        fresh_heads.lab if fresh_heads is not None else np.zeros(0, np.int64),

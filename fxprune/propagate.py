@@ -86,6 +86,29 @@ class RawSite:
     fused: bool = False      # one node (SDPA) does both products
 
 
+def _onto_unit_dims(tvs: list[TV], operands, out_letters: str, sizes) -> list[TV]:
+    """Channels of a head dim of size 1. Size-1 dims are never spanned (one label along them
+    says nothing), so q of shape ``(B, h, N, 1)`` carries its ``h`` channels on the head letter
+    only, which a contraction reads as a batch dim: no q.k product, no v. An activation comp
+    whose letters are all batch letters of this contraction (kept, and shared by several
+    operands) and whose operand has exactly one other letter of size 1 (contracted, or kept by
+    it alone) has its channels there: the comp spans that letter too, as it would at size > 1.
+    With two such letters (e.g. also one token) the choice is ambiguous and nothing changes."""
+    batch = {ch for ch in out_letters if sum(ch in ls for _, ls in operands) > 1}
+    out: list[TV] = []
+    for tv, (_, letters) in zip(tvs, operands):
+        unit = [d for d, ch in enumerate(letters) if d < tv.ndim and tv.shape[d] == 1
+                and sizes[ch] == 1 and ch not in batch]
+        if tv.soft or len(unit) != 1 or not tv.comps:
+            out.append(tv)
+            continue
+        comps = [Comp(c.lab, tuple(sorted(c.span + (unit[0],))), c.soft)
+                 if c.span and all(letters[d] in batch for d in c.span) else c
+                 for c in tv.comps]
+        out.append(TV(comps, tv.shape, tv.soft, tv.param))
+    return out
+
+
 def _shape(node) -> tuple[int, ...] | None:
     if not isinstance(node, torch.fx.Node):
         return None
@@ -131,6 +154,7 @@ class Propagator:
         self.kv_origin: dict[int, tuple] = {}
         self.score_site: dict[torch.fx.Node, int] = {}
         self.current: torch.fx.Node | None = None
+        self.last_operands: list[TV] = []
 
     # -- driver ---------------------------------------------------------------------------
     def run(self) -> Propagator:
@@ -289,6 +313,7 @@ class Propagator:
                 sizes[ch] = max(sizes.get(ch, 1), tv.shape[d] if d < tv.ndim else 1)
         all_letters = [ch for _, ls in operands for ch in ls]
         contracted = {ch for ch in all_letters if ch not in out_letters}
+        tvs = _onto_unit_dims(tvs, operands, out_letters, sizes)
         # comps spanning contracted letters
         contracted_comps: list[tuple[int, Comp]] = []
         carried: list[tuple[int, Comp]] = []
@@ -315,7 +340,9 @@ class Propagator:
             if by_operand[i] is not c:
                 self._head_rel(c, by_operand[i], operands[i][1], operands[i][1])
         for ch in sorted(contracted):
-            holders = [i for i, (_, ls) in enumerate(operands) if ch in ls and sizes[ch] > 1]
+            # a weight's size-1 dim has no labels (factor_param), yet slices with its partner
+            holders = [i for i, (_, ls) in enumerate(operands)
+                       if ch in ls and (sizes[ch] > 1 or not tvs[i].soft)]
             labeled = [i for i in holders if i in by_operand and
                        ch in {operands[i][1][d] for d in by_operand[i].span}]
             unlabeled = [i for i in holders if i not in labeled]
@@ -360,8 +387,10 @@ class Propagator:
                     self._head_rel(c, fresh_heads, out_letters, out_letters)
         for i, c in carried_out:
             batch_only = all(out_letters[d] in batch for d in c.span)
+            # a head-labels comp gives way to the channels that live in those heads (more
+            # labels, or as many on more dims: a head dim of size 1)
             others = [c2 for j, c2 in carried_out if j != i and set(c2.span) >= set(c.span)
-                      and c2.distinct > c.distinct]
+                      and (c2.distinct > c.distinct or set(c2.span) > set(c.span))]
             if batch_only and others:
                 continue
             out_comps.append(c)
@@ -369,6 +398,7 @@ class Propagator:
                 set(c.span) >= set(fresh_heads.span) for c in out_comps):
             out_comps.append(fresh_heads)
         self._last_contraction = (hard_contracted, by_operand, fresh_heads)
+        self.last_operands = tvs  # as this contraction read them (see _onto_unit_dims)
         out_shape = tuple(sizes[ch] for ch in out_letters)
         soft = all(tv.soft for tv in tvs)
         if not soft:  # a weight's row labels on an activation are activation channels

@@ -9,14 +9,18 @@
 - ``example_input``: a seeded ``(BATCH, 3, 8, 8)`` tensor;
 - ``truth``: a dict with ``"sites"`` (one dict per block, in graph order: ``num_heads``,
   ``qk_head_dim``, ``v_head_dim``, ``kind``, ``scale``, ``frozen_qk``) and ``"mlp_hidden"``.
-  ``frozen_qk`` is True where a LayerNorm normalizes q/k over the head dim, None where the
-  block has rotary q/k without such a norm (freezing or coupling the rotated pairs are both
-  right) and False otherwise.
+  ``frozen_qk`` is True where a LayerNorm normalizes q/k over a head dim of 2 or more, None
+  where the block has rotary q/k without such a norm (freezing or coupling the rotated pairs
+  are both right) and False otherwise (a LayerNorm over one channel mixes nothing).
+  ``visible`` is False for one head of q/k dim 1 made by its own Linear: a width-1 Linear
+  output carries no channel labels, so the analysis may not see that site (there is nothing
+  to prune in it either: its q/k and heads are one channel, one head); ``v_visible``
+  likewise for v.
 
 What a spec varies, per block: head count (1-7, odd counts included), q/k head dim and v head
-dim (independently), how q, k and v are produced (fused qkv Linear, separate q/k/v Linears, a
-q Linear plus a fused kv Linear), biases, how a fused output is taken apart (a 5-D reshape or
-view plus unbind, ``torch.split``, ``chunk``, slicing), how heads are split (``reshape``,
+dim (independently, 1 to 16), how q, k and v are produced (fused qkv Linear, separate q/k/v
+Linears, a q Linear plus a fused kv Linear), biases, how a fused output is taken apart (a 5-D
+reshape or view plus unbind, ``torch.split``, ``chunk``, slicing), how heads are split (``reshape``,
 ``view``, ``unflatten``) and merged back (``reshape``, ``view``, ``flatten``), ``transpose``
 vs ``permute``, the attention form (SDPA with or without ``scale=``, explicit
 ``softmax(q @ k^T * scale) @ v`` with the scale before or after the product, einsum), q/k
@@ -112,7 +116,7 @@ def budget(n: int) -> int:
 
 
 @st.composite
-def block_specs(draw, max_head_width: int = 64, min_head_dim: int = 2) -> BlockSpec:
+def block_specs(draw, max_head_width: int = 64, min_head_dim: int = 1) -> BlockSpec:
     num_heads = draw(st.sampled_from([1, 2, 3, 4, 5, 6, 7]))
     cap = max(min_head_dim, min(16, max_head_width // num_heads))
     rotary = draw(st.booleans())
@@ -416,10 +420,12 @@ class GenViT(nn.Module):
 def truth_of(spec: ViTSpec) -> dict:
     sites = []
     for b in spec.blocks:
-        frozen = True if b.qk_norm else (None if b.rotary else False)
+        frozen = b.qk_head_dim > 1 if b.qk_norm else (None if b.rotary else False)
         sites.append({"num_heads": b.num_heads, "qk_head_dim": b.qk_head_dim,
                       "v_head_dim": b.v_head_dim, "scale": b.scale,
-                      "kind": "window" if b.rel_pos else "softmax", "frozen_qk": frozen})
+                      "kind": "window" if b.rel_pos else "softmax", "frozen_qk": frozen,
+                      "visible": b.num_heads * b.qk_head_dim > 1,
+                      "v_visible": b.num_heads * b.v_head_dim > 1})
     return {"sites": sites, "mlp_hidden": [b.mlp_hidden for b in spec.blocks]}
 
 

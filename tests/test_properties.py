@@ -128,18 +128,31 @@ def test_generated_models_run_trace_and_match_their_truth(spec):
 # (a) analysis == truth
 
 
+def _blocks_of(group) -> set[int]:
+    """Which generated blocks' attention Linears produce or consume ``group``'s channels."""
+    return {int(str(node.target).split(".")[1]) for node, _ in group.members
+            if node.op == "call_module" and ".attn." in str(node.target)}
+
+
 def check_analysis(spec: ViTSpec, model, x, truth) -> None:
     gm = fxprune.trace(model, x)
     a = fxprune.analyze(gm)
-    assert len(a.attention) == len(truth["sites"]), [s.num_heads for s in a.attention]
-    for i, (site, want, b) in enumerate(zip(a.attention, truth["sites"], spec.blocks)):
+    found = {}
+    for site in a.attention:
+        blocks = _blocks_of(a.groups[site.qk_group])
+        assert len(blocks) == 1, (site, blocks)
+        found[blocks.pop()] = site
+    assert len(found) == len(a.attention), "two sites in one block"
+    blocks_seen = [i for i, want in enumerate(truth["sites"]) if want["visible"] or i in found]
+    assert sorted(found) == blocks_seen, (sorted(found), blocks_seen)
+    for i in blocks_seen:
+        site, want, b = found[i], truth["sites"][i], spec.blocks[i]
         issues = _known_issue(b)
-        assert site.index == i
         assert site.num_heads == want["num_heads"], f"site {i}"
         assert site.qk_head_dim == want["qk_head_dim"], f"site {i}"
         assert site.scale == pytest.approx(want["scale"], rel=1e-6), f"site {i}"
         qk = a.groups[site.qk_group]
-        assert qk.kind == "qk" and qk.site == i
+        assert qk.kind == "qk" and qk.site == site.index
         assert qk.layout.shape == (want["num_heads"], want["qk_head_dim"])
         if want["frozen_qk"] is True:
             assert qk.frozen and "normaliz" in qk.frozen.lower(), qk.frozen
@@ -153,9 +166,14 @@ def check_analysis(spec: ViTSpec, model, x, truth) -> None:
                 assert qk.frozen.strip()
         if "single_head_kind" not in issues:
             assert site.kind == want["kind"], f"site {i}"
+        if not want["v_visible"]:  # one head of v dim 1 from its own Linear: no v labels
+            assert (site.v_head_dim, site.v_group, site.proj) in (
+                (0, None, None), (want["v_head_dim"], site.v_group, site.proj)), site
+            if site.v_group is None:
+                continue
         assert site.v_head_dim == want["v_head_dim"], f"site {i}"
         v = a.groups[site.v_group]
-        assert v.kind == "v" and v.site == i and v.frozen is None, (v.kind, v.frozen)
+        assert v.kind == "v" and v.site == site.index and v.frozen is None, (v.kind, v.frozen)
         assert v.layout.shape == (want["num_heads"], want["v_head_dim"])
         assert _linear_name(gm, site.proj) == f"blocks.{i}.attn.proj"
     # each block's MLP hidden channels: one prunable "mlp" group contracted by its fc2
@@ -166,6 +184,12 @@ def check_analysis(spec: ViTSpec, model, x, truth) -> None:
                                           for s in g.sinks)]
         assert [(g.kind, g.size, g.frozen) for g in fc2] == [("mlp", b.mlp_hidden, None)]
         n_mlp += 1
+    # an unseen site's v channels are plain channels of its block's attention
+    unseen = {i for i in range(len(spec.blocks)) if i not in found}
+    for g in a.groups:
+        if g.kind == "mlp" and not any(".mlp.fc2" in str(s.node.target) for s in g.sinks):
+            assert _blocks_of(g) <= unseen, g
+            n_mlp += 1
     assert sum(g.kind == "mlp" for g in a.groups) == n_mlp
     embed = [g for g in a.groups if g.kind == "embed"]
     assert embed and all(g.frozen for g in embed)

@@ -481,12 +481,9 @@ def test_synchronised_search_keeps_at_least_one_unit_per_head():
     Slice(keep=result.masks)(result.graph_module)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known limitation: a q/k head dim of 1 is not seen as an attention site (the size-1 "
-    "contracted dim carries no channel labels), so after slicing to one q/k channel per head "
-    "the reweight pass finds no site; the analysis stays safe (those channels are not pruned "
-    "further) but refine adds no reweight module there"))
 def test_refine_adds_reweight_when_qk_keeps_one_channel_per_head():
+    """A q/k head dim of 1 is still an attention site (it was not: a size-1 dim carries no
+    labels), so refine reweights it."""
     loader, x = _loader()
     torch.manual_seed(0)
     result = search(tiny_vit(), loader, x[:1], macs_ratio=0.5, epochs=12, indicator_lr=0.2,
