@@ -373,6 +373,7 @@ class Propagator:
                                tuple(d for d, ch in enumerate(out_letters) if ch in span_batch))
             for i, c in contracted_comps:
                 self._head_rel(c, fresh_heads, operands[i][1], out_letters)
+        self._freeze_on_unread_batch(tvs, operands, carried, batch, sizes)
         carried_out: list[tuple[int, Comp]] = []
         for i, c in carried:
             carried_out.append((i, self._to_letters(c, operands[i][1], out_letters, sizes)))
@@ -404,6 +405,28 @@ class Propagator:
         if not soft:  # a weight's row labels on an activation are activation channels
             out_comps = [c if not c.soft else Comp(c.lab, c.span, False) for c in out_comps]
         return TV(out_comps, out_shape, soft=soft)
+
+    def _freeze_on_unread_batch(self, tvs, operands, carried, batch, sizes) -> None:
+        """Channels carried along a batch letter (e.g. heads) that another activation operand
+        also has, at size > 1, without labels there: how that operand's slices pair with the
+        channels is unknown (an attention whose q.k product fxprune could not read), so
+        removing some of them per head cannot be proven exact."""
+        def unread(ch, j, ls) -> bool:
+            tv = tvs[j]
+            pos = ls.index(ch)
+            if tv.soft or pos >= tv.ndim or tv.shape[pos] <= 1:
+                return False  # a weight, or broadcast along ch: the same for every head
+            return not any(ch in {ls[d] for d in c2.span} for c2 in tv.comps)
+
+        for i, c in carried:
+            if tvs[i].soft:
+                continue
+            letters = operands[i][1]
+            shared = [ch for ch in {letters[d] for d in c.span} & set(batch) if sizes[ch] > 1]
+            if any(unread(ch, j, ls) for ch in shared
+                   for j, (_, ls) in enumerate(operands) if j != i and ch in ls):
+                self.store.freeze(c.lab, "channels share a batch dim (heads) with an operand "
+                                  f"that has no channel labels there at {self.current.name}")
 
     def _head_labels(self, contracted_comps, operands, span_batch, out_letters, shape):
         """Fresh head labels over the batch letters that carry channels (the heads). Where the
