@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from typing import Any
@@ -27,6 +28,7 @@ import torch
 import torch.fx
 
 from .errors import InputError
+from .head_order import resolve_subset_params, tie_interleaved_heads
 from .labels import Components
 from .oprules import op_name
 from .passbase import require_meta
@@ -142,6 +144,11 @@ def analyze(gm: torch.fx.GraphModule) -> Analysis:
                              hint="trace it with fxprune.trace(model, example_inputs)")
     prop = Propagator(gm).run()
     comps = prop.store.finish()
+    if prop.store.subset_params:
+        resolve_subset_params(prop.store, comps)
+        comps = prop.store.finish()
+    if tie_interleaved_heads(gm, prop.store, comps, prop.sinks):
+        comps = prop.store.finish()
     groups, group_of_channel, graph = _build_groups(prop, comps)
     sites = _build_sites(gm, prop, comps, groups, group_of_channel)
     _add_members(gm, groups, comps, group_of_channel)
@@ -239,7 +246,11 @@ def _build_sites(gm, prop: Propagator, comps: Components, groups, group_of_chann
     for cs in prop.param_comps.values():
         for c in cs:
             param_channels[comps.channel[c.lab.ravel()]] = True
-    for raw in _distinct_sites(prop.sites, comps, group_of_channel):
+    raws = _distinct_sites(prop.sites, comps, group_of_channel)
+    sites_of_head = collections.Counter(
+        ch for raw in raws
+        for ch in np.unique(comps.channel_of(raw.head_labels.ravel())).tolist())
+    for raw in raws:
         q_layout = _layout(raw.q_comp.lab, raw.q_comp.span, comps)
         qk_group = _group_at(q_layout, group_of_channel)
         v_group = None
@@ -272,8 +283,9 @@ def _build_sites(gm, prop: Propagator, comps: Components, groups, group_of_chann
                              _scale(raw), raw.q, raw.k, raw.v, proj, raw.qk_node, raw.av_node,
                              qk_group, v_group)
         heads_layout = np.arange(num_heads).reshape(num_heads, 1)
-        hg = ChannelGroup(len(groups), "heads", int(num_heads), 1, [], None, heads_layout, [],
-                          site=site.index)
+        heads_frozen = _heads_used_across(raw, comps, group_of_channel, sites_of_head)
+        hg = ChannelGroup(len(groups), "heads", int(num_heads), 1, [], heads_frozen,
+                          heads_layout, [], site=site.index)
         for gi in (qk_group, v_group):
             if gi is not None:
                 groups[gi].site = site.index
@@ -285,6 +297,27 @@ def _build_sites(gm, prop: Propagator, comps: Components, groups, group_of_chann
     for g in groups:
         g.index = idx[id(g)]
     return sites
+
+
+def _heads_used_across(raw: RawSite, comps: Components, group_of_channel,
+                       sites_of_head: collections.Counter) -> str | None:
+    """Why whole heads of ``raw`` may not be removed, or None. The labels of the scores'
+    heads reach nothing but their own head's products in plain attention; when they are
+    frozen (averaged over heads), contracted (heads mixed: talking heads) or shared with
+    another site's heads (two score maps combined, differential attention), removing a head
+    changes what the kept heads compute."""
+    if not raw.head_labels.size:
+        return None
+    channels = np.unique(comps.channel_of(raw.head_labels.ravel()))
+    for ch in channels.tolist():
+        if ch in comps.frozen_reason:
+            return f"the heads are used across heads: {comps.frozen_reason[ch]}"
+    known = channels[channels < len(group_of_channel)]
+    if (group_of_channel[known] >= 0).any():
+        return "the heads of the scores are mixed by a contraction over heads"
+    if any(sites_of_head[ch] > 1 for ch in channels.tolist()):
+        return "the heads are combined with the heads of another q.k product"
+    return None
 
 
 def _learned_score_bias(gm, raw: RawSite) -> bool:

@@ -60,6 +60,9 @@ class LabelStore:
         self._head_b: list[np.ndarray] = []
         self.frozen: list[tuple[np.ndarray, str]] = []
         self.kind_marks: list[tuple[np.ndarray, str]] = []
+        # (activation labels, parameter labels, activation span, parameter span): a parameter
+        # broadcast over part of an activation's channel dims, resolved by head_order
+        self.subset_params: list[tuple[np.ndarray, np.ndarray, tuple, tuple]] = []
 
     def fresh(self, shape) -> np.ndarray:
         n = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
@@ -103,6 +106,10 @@ class LabelStore:
         self._head(am, am[:, :1])
         self._head(bm, bm[:, :1])
         self._head(am[:, 0], bm[:, 0])
+
+    def head_union(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Every label of ``a`` is in the same head as the label of ``b`` it broadcasts with."""
+        self._head(a, b)
 
     def _head(self, a, b) -> None:
         a, b = np.broadcast_arrays(np.asarray(a), np.asarray(b))

@@ -323,6 +323,7 @@ def _plan(model, example_inputs, macs_ratio, criterion, align, seed, prepare, de
         ids = {g.index for g in prunable}
         whole = tuple(s.index for s in analysis.attention
                       if s.qk_group in ids and s.v_group in ids
+                      and analysis.groups[s.heads_group].frozen is None
                       and not analysis.groups[s.qk_group].shared_across_heads
                       and not analysis.groups[s.v_group].shared_across_heads)
     ids = {g.index for g in prunable}

@@ -412,7 +412,14 @@ def _cat(p: Propagator, node, stack=False) -> Any:
     tensors = node.args[0] if node.args else node.kwargs.get("tensors")
     dim = _o()._arg(node, 1, "dim", 0)
     out_shape = _shape(node)
-    vals = [p.tv(t) or TV([], _shape(t) or ()) for t in tensors]
+    if isinstance(tensors, torch.fx.Node):  # one node holding the list, e.g. x.chunk(2)
+        held, metas = p.value(tensors), tensors.meta.get("val")
+        if not (isinstance(held, (list, tuple)) and isinstance(metas, (list, tuple))
+                and len(held) == len(metas)):
+            return _o()._unknown(p, node, "cat/stack of a value fxprune cannot see as a list")
+        vals = [v if isinstance(v, TV) else TV([], tuple(m.shape)) for v, m in zip(held, metas)]
+    else:
+        vals = [p.tv(t) or TV([], _shape(t) or ()) for t in tensors]
     if stack:
         vals = [TV([layout.unsqueeze_comp(c, dim % (v.ndim + 1)) for c in v.comps],
                    v.shape[:dim % (v.ndim + 1)] + (1,) + v.shape[dim % (v.ndim + 1):], v.soft)

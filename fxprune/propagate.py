@@ -288,7 +288,10 @@ class Propagator:
                     merged = True
                     break
                 if c.soft and set(c.span) < set(o.span):
-                    self.store.union(o.lab, c.lab)  # a shared parameter couples across dims
+                    # a parameter broadcast over some of the channel dims: shared across
+                    # heads (couples channels) or per head (one value per head), which is
+                    # only known once the heads are (fxprune/head_order.py)
+                    self.store.subset_params.append((o.lab, c.lab, o.span, c.span))
                     merged = True
                     break
             if not merged:

@@ -14,6 +14,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.fx
@@ -208,18 +210,21 @@ def rewrite_constants(gm: torch.fx.GraphModule, analysis, lab_keep: np.ndarray,
             _rewrite_slices(node, lab_keep, changes)
         elif name in ("narrow", "slice"):
             _rewrite_narrow(node, name, lab_keep, changes)
-    by_name = {n.name: n for n in gm.graph.nodes}
-    for site in analysis.attention:
-        node = by_name.get(site.qk_node.name)
-        if node is None:
+    for node in list(gm.graph.nodes):
+        # every SDPA, site or not (q or k may come from parameters only): its implicit scale
+        # 1/sqrt(head dim) must stay the original one
+        if node.op != "call_function" or "scaled_dot_product_attention" not in str(node.target):
             continue
-        if site.uses_sdpa and site.scale is not None and "scale" not in node.kwargs and not (
-                len(node.args) > 6):
-            q_new = new_shape(site.q, lab_keep)
-            if q_new is not None and q_new[-1] != site.qk_head_dim:
-                node.kwargs = {**node.kwargs, "scale": float(site.scale)}
-                changes.append(f"{node.name}: pass the original scale {site.scale:.6g} "
-                               "explicitly (q/k head dim changed)")
+        if "scale" in node.kwargs or len(node.args) > 6:
+            continue
+        q = node.args[0] if node.args else node.kwargs.get("query")
+        q_old = q.meta.get("fxprune.shape") if isinstance(q, torch.fx.Node) else None
+        q_new = new_shape(q, lab_keep) if q_old else None
+        if q_new is not None and q_new[-1] != q_old[-1]:
+            scale = 1.0 / math.sqrt(q_old[-1])
+            node.kwargs = {**node.kwargs, "scale": scale}
+            changes.append(f"{node.name}: pass the original scale {scale:.6g} explicitly (q/k "
+                           "head dim changed)")
 
 
 def _rewrite_shape_args(node, name, lab_keep, changes) -> None:

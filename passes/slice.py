@@ -122,6 +122,8 @@ def _whole_heads_removed(analysis, keep, g) -> bool:
     if g.site is None or g.kind not in ("qk", "v"):
         return False
     site = analysis.attention[g.site]
+    if site.heads_group is not None and analysis.groups[site.heads_group].frozen is not None:
+        return False  # the heads are used across heads (mixed, averaged, combined)
     dropped = []
     for gi in (site.qk_group, site.v_group):
         if gi is None or gi not in keep:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,7 @@ from torch.utils._pytree import tree_flatten
 
 import fxprune
 from exactness import rel_err, zeroed_original
-from fxprune.errors import FxPruneError
+from fxprune.errors import FxPruneError, SliceError
 
 TOKENS, IN, CLASSES, BATCH = 16, 12, 10, 2
 
@@ -661,14 +662,6 @@ VARIANTS = {
 CRITERIA = ("l1", "similarity")
 RATIOS = (0.5, 0.8)
 
-# Variants with a known bug in the default grid; each has its own xfail(strict=True) test below
-# on a minimal model (remove the entry when the xfail test passes).
-KNOWN_BUGS = {
-    "interleaved_heads": "test_interleaved_head_layout_is_exact",
-    "chunk_stack_heads": "test_stack_or_cat_of_a_split_is_analyzed",
-}
-# Variants whose heads="whole" prune is wrong (test_whole_heads_with_other_head_consumers).
-WHOLE_HEAD_BUGS = {"talking_heads_post", "head_mean_reweight"}
 
 
 def _snapshot(model):
@@ -783,13 +776,14 @@ def _expect_qk_frozen(word):
 
 
 def _expect_interleaved(a):
-    """Head h holds the projection rows d * 4 + h (the analysis gets this right)."""
+    """Head h holds the projection rows d * 4 + h. Heads inside the per-head index can only
+    be sliced when every head keeps the same d (fxprune/head_order.py): channel d is one
+    channel in all heads."""
     s = _only_site(a, 4, 8, 8)
     for gi in (s.qk_group, s.v_group):
-        lay = a.groups[gi].layout
-        assert lay.shape == (4, 8)
-        # channel ids of one Linear are assigned row by row: ids grow by 4 along d, by 1 along h
-        assert ((lay[:, 1:] - lay[:, :-1]) == 4).all() and ((lay[1:] - lay[:-1]) == 1).all()
+        g = a.groups[gi]
+        assert g.layout.shape == (4, 8) and g.prunable and g.shared_across_heads
+        assert (g.layout == g.layout[0]).all() and len(np.unique(g.layout[0])) == 8
 
 
 def _expect_v_is_q(a):
@@ -842,15 +836,7 @@ EXPECT = {
 }
 
 
-def _analyze_param(name):
-    if name == "chunk_stack_heads":
-        return pytest.param(name, marks=pytest.mark.xfail(
-            strict=True, raises=TypeError, reason="torch.stack of a chunk() result: see "
-            "test_stack_or_cat_of_a_split_is_analyzed"))
-    return name
-
-
-@pytest.mark.parametrize("name", [_analyze_param(n) for n in VARIANTS])
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_trace_and_analyze(name):
     """The model runs, traces and is analyzed without a non-fxprune exception; the table
     prints; where the right answer is known, the analysis finds it."""
@@ -867,14 +853,13 @@ def test_trace_and_analyze(name):
 
 @pytest.mark.parametrize("ratio", RATIOS)
 @pytest.mark.parametrize("criterion", CRITERIA)
-@pytest.mark.parametrize("name", [n for n in VARIANTS if n not in KNOWN_BUGS])
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_prune_exact_or_refused(name, criterion, ratio):
     model, x = VARIANTS[name]()
     _exact_or_refused(model, x, macs_ratio=ratio, criterion=criterion)
 
 
-@pytest.mark.parametrize("name", [n for n in VARIANTS
-                                  if n not in KNOWN_BUGS and n not in WHOLE_HEAD_BUGS])
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_whole_heads_exact_or_refused(name):
     """``heads="whole"`` removes whole heads: exact or refused as well."""
     model, x = VARIANTS[name]()
@@ -923,19 +908,17 @@ class _InterleavedMin(nn.Module):
         return x + self.proj(o.permute(0, 2, 3, 1).reshape(B, N, C))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "interleaved head layout (channel d * H + h): the analysis finds the right per-head layout, "
-    "but slicing keeps the surviving rows of q/k/v in ascending order; after "
-    "reshape(B, N, D', H) position (d', h) then holds another head's channel whenever heads "
-    "keep different d (slice_tensor in fxprune/slicing.py keeps row-major order). Pruned != "
-    "zeroed original, rel err 1.6e-2 .. 5e-2"))
 def test_interleaved_head_layout_is_exact():
+    """Was wrong (rel err 1.6e-2 .. 5e-2): slicing keeps rows in ascending order, so after
+    reshape(B, N, D', H) heads that kept different d swapped channels. Now every head keeps
+    the same d (fxprune/head_order.py)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model, x = _InterleavedMin().eval(), torch.randn(2, 16, 16)
     for criterion in CRITERIA:
         out = _exact_or_refused(model, x, macs_ratio=0.5, criterion=criterion)
-        assert not isinstance(out, Exception)  # today it is a (wrong) model, not a refusal
+        assert not isinstance(out, Exception)
+        assert out.get_submodule("q").out_features < 16
 
 
 class _StackOfChunks(nn.Module):
@@ -959,17 +942,17 @@ class _CatOfUnbind(nn.Module):
 
 
 @pytest.mark.parametrize("make", [_StackOfChunks, _CatOfUnbind])
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "torch.stack / torch.cat called on the tuple returned by chunk() / unbind() (one fx Node, "
-    "not a list of Nodes): _cat in fxprune/oprules_attn.py iterates node.args[0] and raises "
-    "TypeError: 'Node' object is not iterable (analyze and prune crash with a non-fxprune "
-    "exception)"))
 def test_stack_or_cat_of_a_split_is_analyzed(make):
+    """torch.stack / torch.cat of the tuple chunk() / unbind() returns (one fx Node, not a
+    list of Nodes) crashed the analysis with TypeError ('Node' object is not iterable)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model, x = make().eval(), torch.randn(4, 8)
     _analysis(model, x)
-    _exact_or_refused(model, x, macs_ratio=0.5, criterion="l1")
+    out = _exact_or_refused(model, x, macs_ratio=0.5, criterion="l1")
+    # the hidden channels are reshaped into two parts that must keep equal counts; the planner
+    # knows parts only inside attention (heads), so uneven ones are refused by the slicer
+    assert isinstance(out, SliceError) or out.get_submodule("fc1").out_features < 16
 
 
 class _LatentSDPA(nn.Module):
@@ -993,18 +976,19 @@ class _LatentSDPA(nn.Module):
 
 
 @pytest.mark.parametrize("latent", ["kv", "q"])
-@pytest.mark.xfail(strict=True, reason=(
-    "SDPA whose k (or q) is computed from parameters only is not an attention site (_sdpa in "
-    "fxprune/oprules_attn.py makes a RawSite only when both q and k are activations), yet it "
-    "still records a 'qk' sink that makes q/k prunable; the slicer passes the original scale= "
-    "only for sites (rewrite_constants in fxprune/slicing.py), so the pruned SDPA uses "
-    "1/sqrt(new head dim). Pruned != zeroed original, rel err 5e-3 .. 5e-2"))
 def test_sdpa_with_latent_tokens_keeps_its_scale(latent):
+    """An SDPA whose k (or q) comes from parameters only is no attention site, but its q/k
+    channels are still prunable: the slicer passed the original ``scale=`` only for sites, so
+    the pruned SDPA used 1/sqrt(new head dim) (rel err 5e-3 .. 5e-2). Now every SDPA keeps it."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model, x = _LatentSDPA(latent).eval(), torch.randn(2, 16, 16)
     for criterion in CRITERIA:
-        _exact_or_refused(model, x, macs_ratio=0.5, criterion=criterion)
+        pruned = _exact_or_refused(model, x, macs_ratio=0.5, criterion=criterion)
+        assert not isinstance(pruned, Exception), pruned
+        (sdpa,) = [n for n in pruned.graph.nodes if "scaled_dot_product" in str(n.target)]
+        if pruned.get_submodule("q").out_features < 16:
+            assert sdpa.kwargs["scale"] == pytest.approx(16 ** -0.5)
 
 
 WHOLE_HEAD_MIN = {
@@ -1015,18 +999,19 @@ WHOLE_HEAD_MIN = {
 
 
 @pytest.mark.parametrize("name", sorted(WHOLE_HEAD_MIN))
-@pytest.mark.xfail(strict=True, reason=(
-    "heads='whole' removes a head of a site when the site's qk and v groups are prunable "
-    "(_plan in fxprune/oneshot.py), but the head dim also reaches other consumers that the "
-    "analysis froze or coupled: heads mixed after the softmax (einsum with an (H, H) "
-    "parameter), attention averaged over heads (mean(1)), a second q/k pair sharing the heads "
-    "(differential attention). The site's 'heads' group is built with frozen=None "
-    "(_build_sites in fxprune/analysis.py) and never inherits the freeze of the group that "
-    "holds the score head labels. Pruned != zeroed original, rel err 6e-3 .. 3e-2 (with "
-    "post-mixing the (H, 1) parameter is even broadcast by einsum over the one kept head)"))
 def test_whole_heads_with_other_head_consumers(name):
+    """The heads also reach other consumers: mixed after the softmax (an (H, H) einsum),
+    averaged over heads (mean(1)), a second q.k product sharing them (differential attention).
+    ``heads="whole"`` removed them anyway (rel err 6e-3 .. 3e-2); now the site's heads group
+    is frozen with the reason and only channels inside heads go."""
     model, x = WHOLE_HEAD_MIN[name]()
-    _exact_or_refused(model, x, macs_ratio=0.5, criterion="l1", heads="whole")
+    a = _analysis(model, x)
+    heads = [a.groups[s.heads_group] for s in a.attention]
+    assert heads and all(g.frozen and "heads" in g.frozen for g in heads), heads
+    out = _exact_or_refused(model, x, macs_ratio=0.5, criterion="l1", heads="whole")
+    if not isinstance(out, Exception):
+        (row, *_) = [r for r in out.meta["fxprune.summary"] if "site" in r]
+        assert row.get("heads_after", row["heads"]) == row["heads"]
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -1040,15 +1025,15 @@ def test_einsum_head_parameters_site_has_its_heads():
     _only_site(_analysis(model, x), 2, 8, 8)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "q times a per-head parameter (1, H, 1, 1): Propagator._merge (fxprune/propagate.py) "
-    "unions a soft comp whose span is a subset of the activation's with every label it "
-    "broadcasts over, so all 8 channels of a head become one channel id; the q/k group then "
-    "has one unit per head and the planner asks to remove whole q/k heads (PlanError 'would "
-    "keep no channel in head'). The same union makes XCiT's q (times a per-head temperature) "
-    "an 'mlp' group of 4 whole-head channels whose slicing breaks the graph"))
 def test_per_head_parameter_does_not_merge_the_channels_of_a_head():
+    """q times a per-head parameter (1, H, 1, 1) made all 8 channels of a head one channel
+    (the parameter was unioned with every label it broadcasts over), so the planner could only
+    remove whole q/k heads (PlanError). It now joins the heads (fxprune/head_order.py)."""
     model, x = VARIANTS["head_temperature"]()
     a = _analysis(model, x)
     qk = a.groups[a.attention[0].qk_group]
-    assert all(len(set(row.tolist())) == 8 for row in qk.layout), qk.layout
+    assert qk.prunable and all(len(set(row.tolist())) == 8 for row in qk.layout), qk.layout
+    pruned = _exact_or_refused(model, x, macs_ratio=0.5, criterion="l1")
+    assert not isinstance(pruned, Exception), pruned
+    (row, *_) = [r for r in pruned.meta["fxprune.summary"] if "site" in r]
+    assert row["qk_dim_after"] < row["qk_dim"]

@@ -153,6 +153,9 @@ def check_analysis(spec: ViTSpec, model, x, truth) -> None:
         assert site.scale == pytest.approx(want["scale"], rel=1e-6), f"site {i}"
         qk = a.groups[site.qk_group]
         assert qk.kind == "qk" and qk.site == site.index
+        # heads are the outer index: each keeps its own channels (rotary tables and q/k norm
+        # weights are shared by the heads)
+        assert b.rotary or qk.frozen or not qk.shared_across_heads, qk.layout
         assert qk.layout.shape == (want["num_heads"], want["qk_head_dim"])
         if want["frozen_qk"] is True:
             assert qk.frozen and "normaliz" in qk.frozen.lower(), qk.frozen
@@ -174,6 +177,7 @@ def check_analysis(spec: ViTSpec, model, x, truth) -> None:
         assert site.v_head_dim == want["v_head_dim"], f"site {i}"
         v = a.groups[site.v_group]
         assert v.kind == "v" and v.site == site.index and v.frozen is None, (v.kind, v.frozen)
+        assert not v.shared_across_heads
         assert v.layout.shape == (want["num_heads"], want["v_head_dim"])
         assert _linear_name(gm, site.proj) == f"blocks.{i}.attn.proj"
     # each block's MLP hidden channels: one prunable "mlp" group contracted by its fc2
