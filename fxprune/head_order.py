@@ -56,7 +56,7 @@ def tie_interleaved_heads(gm: torch.fx.GraphModule, store: LabelStore, comps: Co
             if len(span) < 2:
                 continue
             sub = lab.reshape([lab.shape[d] for d in span])
-            heads, channels = comps.head[sub], comps.channel[sub]
+            heads, channels = comps.head_only[sub], comps.channel[sub]
             head_varies = [_varies(heads, k) for k in range(sub.ndim)]
             within_head = [not head_varies[k] and _varies_in_group(channels, group, k)
                            for k in range(sub.ndim)]
@@ -103,7 +103,7 @@ def resolve_subset_params(store: LabelStore, comps: Components) -> int:
     """
     per_head = 0
     for act, param, act_span, param_span in store.subset_params:
-        heads = comps.head[act]
+        heads = comps.head_only[act]
         varies = {d: _varies(heads, d) for d in act_span}
         if all(varies[d] for d in param_span) and not any(
                 varies[d] for d in act_span if d not in param_span):

@@ -145,6 +145,9 @@ class Components:
         self.n_labels = n
         self.channel = _components(n, store._edges_a, store._edges_b)
         self.head = _components(n, store._head_a + store._edges_a, store._head_b + store._edges_b)
+        # heads from head relations alone: coupling through a parameter shared by every head
+        # (a q/k LayerNorm weight, a rotary table) does not make the heads one here
+        self.head_only = _components(n, store._head_a, store._head_b)
         self.frozen_reason: dict[int, str] = {}
         for lab, reason in store.frozen:
             for ch in np.unique(self.channel[lab]):

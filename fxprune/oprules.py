@@ -5,9 +5,9 @@ Ops are identified by what they are (torch functions, Tensor methods, aten overl
 channels that reach it and is reported as opaque: unknown means dense, never wrong.
 
 Example:
-    >>> op_name(torch.fx.symbolic_trace(torch.nn.GELU()).graph.find_nodes(op="call_module")[0],
-    ...         None) is None
-    True
+    >>> gm = torch.fx.symbolic_trace(lambda x: torch.nn.functional.gelu(x).transpose(0, 1))
+    >>> [op_name(n, gm) for n in gm.graph.nodes]   # functions and methods by name, else None
+    [None, 'gelu', 'transpose', None]
 """
 
 from __future__ import annotations

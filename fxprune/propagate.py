@@ -12,13 +12,12 @@ Example:
     >>> gm = fxprune.trace(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)),
     ...                    torch.randn(1, 4))
     >>> prop = Propagator(gm).run()
-    >>> len(prop.sinks)   # both Linears contract their input's channels
-    2
+    >>> [s.node.name for s in prop.sinks]   # the hidden channels are contracted by the second
+    ['_1']
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import numpy as np
@@ -26,64 +25,17 @@ import torch
 import torch.fx
 
 from .labels import Comp, LabelStore
-
-
-class TV:
-    """Channel view of one tensor value: its comps, shape, whether it derives from parameters
-    only (``soft``) and, when it is a parameter seen through a transpose, ``param``
-    ``(qualified name, permutation)``. A parameter's full-shape comp is only built when an
-    elementwise use needs it: contractions factor weights per dim instead."""
-
-    __slots__ = ("_comps", "shape", "soft", "param", "_lazy")
-
-    def __init__(self, comps, shape, soft=False, param=None, lazy=None):
-        self._comps = comps
-        self.shape = tuple(shape)
-        self.soft = soft
-        self.param = param
-        self._lazy = lazy
-
-    @property
-    def comps(self) -> list[Comp]:
-        if self._comps is None:
-            self._comps = self._lazy()
-            self._lazy = None
-        return self._comps
-
-    @comps.setter
-    def comps(self, value) -> None:
-        self._comps = value
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    def spanned(self) -> set[int]:
-        return {d for c in self.comps for d in c.span}
-
-
-@dataclasses.dataclass
-class Sink:
-    """Where channels are contracted away: gating the operand here equals removing them."""
-
-    node: torch.fx.Node
-    arg: int | str          # positional index or kwarg name of the operand in ``node``
-    comp: Comp              # comp of the operand whose channels are contracted
-    kind: str               # "linear" | "qk" | "matmul" | "conv"
-
-
-@dataclasses.dataclass
-class RawSite:
-    qk_node: torch.fx.Node
-    q: Any
-    k: Any
-    q_comp: Comp
-    k_comp: Comp
-    head_labels: np.ndarray
-    av_node: torch.fx.Node | None = None
-    v: Any = None
-    v_comp: Comp | None = None
-    fused: bool = False      # one node (SDPA) does both products
+from .values import (  # noqa: F401  (re-exported: the op rules import them from here)
+    TV,
+    RawSite,
+    Sink,
+    _align,
+    _comps_meta,
+    _fetch_attr,
+    _iter_comps,
+    _shape,
+    _structure,
+)
 
 
 def _onto_unit_dims(tvs: list[TV], operands, out_letters: str, sizes) -> list[TV]:
@@ -107,18 +59,6 @@ def _onto_unit_dims(tvs: list[TV], operands, out_letters: str, sizes) -> list[TV
                  for c in tv.comps]
         out.append(TV(comps, tv.shape, tv.soft, tv.param))
     return out
-
-
-def _shape(node) -> tuple[int, ...] | None:
-    if not isinstance(node, torch.fx.Node):
-        return None
-    cached = node.meta.get("fxprune.shape", False)
-    if cached is not False:
-        return cached
-    val = node.meta.get("val")
-    shape = tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
-    node.meta["fxprune.shape"] = shape
-    return shape
 
 
 LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -488,45 +428,3 @@ class Propagator:
             self.store.head_union_along(xa.lab, xb.lab, axis)
             return
         self.store.head_union_along(xa.lab, xb.lab, axis)
-
-
-def _align(v: TV, nd: int) -> TV:
-    pad = nd - v.ndim
-    if pad <= 0:
-        return v
-    comps = [Comp(c.lab.reshape((1,) * pad + c.lab.shape), tuple(d + pad for d in c.span), c.soft)
-             for c in v.comps]
-    return TV(comps, (1,) * pad + v.shape, v.soft, None)
-
-
-def _structure(val) -> Any:
-    if isinstance(val, torch.Tensor):
-        return TV([], tuple(int(s) for s in val.shape))
-    if isinstance(val, (list, tuple)):
-        return [_structure(v) for v in val]
-    return None
-
-
-def _iter_comps(value):
-    if isinstance(value, TV):
-        yield from value.comps
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _iter_comps(v)
-
-
-def _comps_meta(value):
-    if isinstance(value, TV):
-        if value._comps is None:  # an unused parameter view: do not build its labels
-            return []
-        return [(c.lab, c.span) for c in value.comps]
-    if isinstance(value, (list, tuple)):
-        return [_comps_meta(v) for v in value]
-    return None
-
-
-def _fetch_attr(gm: torch.nn.Module, target: str):
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj

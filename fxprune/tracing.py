@@ -4,7 +4,8 @@
 Example:
     >>> import torch, fxprune
     >>> gm = fxprune.trace(torch.nn.Linear(4, 2), torch.randn(3, 4))
-    >>> [tuple(n.meta["val"].shape) for n in gm.graph.nodes if n.op != "output"]
+    >>> [tuple(n.meta["val"].shape) for n in gm.graph.nodes
+    ...  if n.op in ("placeholder", "call_function", "call_module")]
     [(3, 4), (3, 2)]
 """
 

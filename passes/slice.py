@@ -17,7 +17,7 @@ Example:
     >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
     >>> gm = fxprune.trace(m, torch.randn(2, 4)); a = fxprune.analyze(gm)
     >>> keep = {0: torch.arange(8).reshape(1, 8) < 4}
-    >>> Slice(keep=keep)(gm).graph_module[2].in_features
+    >>> Slice(keep=keep)(gm).graph_module.get_submodule("2").in_features
     4
 """
 
@@ -30,7 +30,7 @@ import torch
 import torch.fx
 
 from fxprune.analysis import ANALYSIS_KEY, get_analysis
-from fxprune.errors import PlanError
+from fxprune.errors import InputError, PlanError, SliceError
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
 from fxprune.slicing import apply_slice
 from fxprune.tracing import example_zeros, propagate_shapes
@@ -90,7 +90,14 @@ class Slice(FxPass):
             for key in ("fxprune.comps", "fxprune.shape", "val"):
                 node.meta.pop(key, None)
         if shapes:
-            propagate_shapes(out, example_zeros(out), where=self.name)
+            try:
+                propagate_shapes(out, example_zeros(out), where=self.name)
+            except InputError as exc:  # the traced input shapes ran before: the slice is wrong
+                raise SliceError(self.name, "the sliced graph does not run on the input shapes "
+                                 f"it was traced with: {str(exc).splitlines()[0]}",
+                                 node=exc.node, hint="this pattern is not sliced correctly: "
+                                 "keep its groups dense (fxprune.prune(..., dense_sites=...) or "
+                                 "leave the group out of keep) and report the model") from exc
         return PassResult(out, bool(plan), changes, {"plan": plan})
 
 

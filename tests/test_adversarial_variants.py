@@ -804,7 +804,7 @@ def _expect_diff(a):
 
 
 EXPECT = {
-    "gqa_repeat_interleave": _expect_q_dense,
+    "gqa_repeat_interleave": _expect_gqa_shared([(0, 1), (2, 3)]),
     "gqa_sdpa_enable_gqa": _expect_q_dense,
     "gqa_expand_reshape": _expect_gqa_shared([(0, 1), (2, 3)]),
     "gqa_repeat_tile": _expect_gqa_shared([(0, 2), (1, 3)]),
@@ -1037,3 +1037,18 @@ def test_per_head_parameter_does_not_merge_the_channels_of_a_head():
     assert not isinstance(pruned, Exception), pruned
     (row, *_) = [r for r in pruned.meta["fxprune.summary"] if "site" in r]
     assert row["qk_dim_after"] < row["qk_dim"]
+
+
+@pytest.mark.parametrize("name", ["gqa_repeat_interleave", "gqa_expand_reshape",
+                                  "gqa_repeat_tile", "mqa_broadcast"])
+def test_grouped_query_attention_is_pruned_not_refused(name):
+    """The q heads of one k/v head share their q/k channels. The planner took all shared
+    channels as one row of units and kept uneven counts per head ([4, 4, 2, 2]: the slicer
+    refused every plan); heads with the same channel set are now one effective head
+    (``_units`` in fxprune/oneshot.py), and ``repeat_interleave`` has a rule (was opaque)."""
+    model, x = VARIANTS[name]()
+    for criterion in CRITERIA:
+        pruned = _exact_or_refused(model, x, macs_ratio=0.5, criterion=criterion)
+        assert not isinstance(pruned, Exception), pruned
+        (row, *_) = [r for r in pruned.meta["fxprune.summary"] if "site" in r]
+        assert row["qk_dim_after"] < row["qk_dim"], row

@@ -1,0 +1,290 @@
+"""Op rules that move channels without computing with them: indexing, splitting, joining,
+(un)squeezing, expanding and repeating, and ops that shift positions along a dim (roll, pad,
+flip). Split out of :mod:`fxprune.oprules_attn`, whose ``RULES`` table includes these.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+
+from . import layout
+from .labels import Comp
+from .propagate import TV, Propagator, _align, _shape
+
+
+def _o():
+    from . import oprules
+    return oprules
+
+
+def _getitem(p: Propagator, node) -> Any:
+    src, idx = node.args[0], node.args[1]
+    v = p.value(src)
+    if isinstance(v, list):
+        return v[idx] if isinstance(idx, int) else v[idx]
+    if not isinstance(v, TV):
+        return p.unlabeled_like(node)
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    expanded = []
+    for i in idx:
+        if i is Ellipsis:
+            expanded.extend([slice(None)] * (v.ndim - n_real))
+        else:
+            expanded.append(i)
+    comps = list(v.comps)
+    dim = 0
+    shape = list(v.shape)
+    for i in expanded:
+        if i is None:
+            comps = [layout.unsqueeze_comp(c, dim) for c in comps]
+            shape.insert(dim, 1)
+            dim += 1
+            continue
+        if isinstance(i, torch.fx.Node):
+            val = p.const.get(i)
+            if val is None:
+                for c in comps:
+                    if dim in c.span:
+                        p.store.freeze(c.lab, f"channels gathered by a run-time index at "
+                                       f"{node.name}")
+                ishape = _shape(i) or ()
+                comps = [layout.take_comp(c, dim, np.zeros(ishape, np.int64)) if dim not in
+                         c.span else layout.take_comp(Comp(np.take(c.lab, [0], axis=dim), tuple(
+                             d for d in c.span if d != dim), c.soft), dim,
+                             np.zeros(ishape, np.int64)) for c in comps]
+                shape[dim:dim + 1] = list(ishape)
+                dim += len(ishape)
+                continue
+            i = val.numpy() if val.dtype != torch.bool else np.nonzero(val.numpy())[0]
+        if isinstance(i, (list, tuple)):
+            i = np.asarray(i)
+        if isinstance(i, slice):
+            # bounds computed from shapes (e.g. D // 2) are concrete ints in the metadata
+            i = slice(*(_int_value(x) for x in (i.start, i.stop, i.step)))
+            comps = [layout.take_comp(c, dim, i) for c in comps]
+            shape[dim] = len(range(*i.indices(shape[dim])))
+            dim += 1
+        elif isinstance(i, (int, np.integer)):
+            comps = [layout.take_comp(c, dim, int(i)) for c in comps]
+            shape.pop(dim)
+        else:
+            arr = np.asarray(i)
+            comps = [layout.take_comp(c, dim, arr) for c in comps]
+            shape[dim:dim + 1] = list(arr.shape)
+            dim += arr.ndim
+    return TV([c for c in comps], _shape(node) or tuple(shape), v.soft)
+
+
+def _int_value(x):
+    if isinstance(x, torch.fx.Node):
+        val = x.meta.get("val")
+        return int(val) if isinstance(val, int) else None
+    return x
+
+
+def _split_like(p: Propagator, node, name) -> Any:
+    x = p.tv(node.args[0])
+    val = node.meta.get("val")
+    if x is None or not isinstance(val, (list, tuple)):
+        return p.unlabeled_like(node)
+    if name == "unbind":
+        dim = _o()._arg(node, 1, "dim", 0) % x.ndim
+        return [TV([layout.take_comp(c, dim, i) for c in x.comps],
+                   tuple(int(s) for s in val[i].shape), x.soft) for i in range(len(val))]
+    dim_default = 0
+    dim = _o()._arg(node, 2, "dim", dim_default) % x.ndim
+    sizes = [int(t.shape[dim]) for t in val]
+    out, start = [], 0
+    for t, size in zip(val, sizes):
+        comps = [layout.take_comp(c, dim, slice(start, start + size)) for c in x.comps]
+        out.append(TV(comps, tuple(int(s) for s in t.shape), x.soft))
+        start += size
+    return out
+
+
+def _narrow_like(p: Propagator, node, name) -> Any:
+    x = p.tv(node.args[0])
+    if x is None:
+        return p.unlabeled_like(node)
+    if name == "select":
+        dim, index = node.args[1] % x.ndim, node.args[2]
+        return TV([layout.take_comp(c, dim, int(index) % x.shape[dim]) for c in x.comps],
+                  _shape(node), x.soft)
+    if name == "narrow":
+        dim, start, length = node.args[1] % x.ndim, node.args[2], node.args[3]
+        sl = slice(start, start + length)
+    else:  # aten.slice(x, dim, start, end, step)
+        args = list(node.args) + [None] * 5
+        dim = (args[1] or 0) % x.ndim
+        sl = slice(args[2], args[3], args[4] or 1)
+    if any(isinstance(s, torch.fx.Node) for s in (sl.start, sl.stop)):
+        for c in x.comps:
+            if dim in c.span:
+                p.store.freeze(c.lab, f"channels sliced with run-time bounds at {node.name}")
+        return TV([c for c in x.comps if dim not in c.span], _shape(node), x.soft)
+    return TV([layout.take_comp(c, dim, sl) for c in x.comps], _shape(node), x.soft)
+
+
+def _cat(p: Propagator, node, stack=False) -> Any:
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = _o()._arg(node, 1, "dim", 0)
+    out_shape = _shape(node)
+    if isinstance(tensors, torch.fx.Node):  # one node holding the list, e.g. x.chunk(2)
+        held, metas = p.value(tensors), tensors.meta.get("val")
+        if not (isinstance(held, (list, tuple)) and isinstance(metas, (list, tuple))
+                and len(held) == len(metas)):
+            return _o()._unknown(p, node, "cat/stack of a value fxprune cannot see as a list")
+        vals = [v if isinstance(v, TV) else TV([], tuple(m.shape)) for v, m in zip(held, metas)]
+    else:
+        vals = [p.tv(t) or TV([], _shape(t) or ()) for t in tensors]
+    if stack:
+        vals = [TV([layout.unsqueeze_comp(c, dim % (v.ndim + 1)) for c in v.comps],
+                   v.shape[:dim % (v.ndim + 1)] + (1,) + v.shape[dim % (v.ndim + 1):], v.soft)
+                for v in vals]
+    nd = len(out_shape)
+    dim %= nd
+    soft = all(v.soft for v in vals)
+    along = [[c for c in v.comps if dim in c.span] for v in vals]
+    if any(along):
+        # channels concatenated along their own dim (e.g. q, k, v biases): labels concatenate
+        if all(len(a) == 1 for a in along) and len({a[0].span for a in along}) == 1:
+            lab = np.concatenate([np.broadcast_to(a[0].lab, _bshape(a[0], v)) for a, v in
+                                  zip(along, vals)], axis=dim)
+            rest = [c for v in vals for c in v.comps if dim not in c.span]
+            base = TV([Comp(lab, along[0][0].span, soft)] + rest, out_shape, soft)
+            return TV(p._merge(base.comps), out_shape, soft)
+        for a in along:
+            for c in a:
+                p.store.freeze(c.lab, f"channels concatenated with unlabeled values at "
+                               f"{node.name}")
+        return p.plain(out_shape)
+    shape_wo = list(out_shape)
+    shape_wo[dim] = 1
+    parts = [TV(v.comps, tuple(s if d != dim else 1 for d, s in enumerate(v.shape)), v.soft)
+             for v in vals]
+    merged = p.pointwise(parts, tuple(shape_wo))
+    return TV(merged.comps, out_shape, soft)
+
+
+def _bshape(c: Comp, v: TV):
+    return tuple(v.shape[d] if d in c.span else 1 for d in range(v.ndim))
+
+
+def _unsqueeze(p, node) -> Any:
+    x = p.tv(node.args[0])
+    if x is None:
+        return p.unlabeled_like(node)
+    dim = _o()._arg(node, 1, "dim") % (x.ndim + 1)
+    return TV([layout.unsqueeze_comp(c, dim) for c in x.comps], _shape(node), x.soft, None)
+
+
+def _squeeze(p, node) -> Any:
+    x = p.tv(node.args[0])
+    if x is None:
+        return p.unlabeled_like(node)
+    dims = _o()._arg(node, 1, "dim")
+    if dims is None:
+        dims = [d for d, s in enumerate(x.shape) if s == 1]
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    dims = [d % x.ndim for d in dims if x.shape[d % x.ndim] == 1]
+    return TV([layout.squeeze_comp(c, dims) for c in x.comps], _shape(node), x.soft, None)
+
+
+def _expand(p, node) -> Any:
+    x = p.tv(node.args[0])
+    if x is None:
+        return p.unlabeled_like(node)
+    out = _align(x, len(_shape(node)))
+    return TV(out.comps, _shape(node), x.soft)
+
+
+def _repeat(p, node) -> Any:
+    x = p.tv(node.args[0])
+    if x is None:
+        return p.unlabeled_like(node)
+    reps = _o()._dims_arg(node.args[1:], 10**9)
+    out = _align(x, len(reps))
+    comps = []
+    for c in out.comps:
+        tile = [r if d in c.span else 1 for d, r in enumerate(reps)]
+        comps.append(Comp(np.tile(c.lab, tile), c.span, c.soft))
+    return TV(comps, _shape(node), x.soft)
+
+
+def _along_dims(p, node, dims, what) -> Any:
+    x = p.tv(node.args[0])
+    if x is None:
+        return p.unlabeled_like(node)
+    dims = {d % x.ndim for d in dims}
+    for c in x.comps:
+        if set(c.span) & dims:
+            p.store.freeze(c.lab, f"{what} along channels at {node.name}")
+    return TV([c for c in x.comps if not set(c.span) & dims], _shape(node), x.soft)
+
+
+def _roll(p, node) -> Any:
+    dims = _o()._arg(node, 2, "dims")
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    return _along_dims(p, node, dims or range(len(_shape(node))), "roll")
+
+
+def _pad(p, node) -> Any:
+    pad = _o()._arg(node, 1, "pad")
+    nd = len(_shape(node))
+    dims = [nd - 1 - i // 2 for i in range(len(pad)) if not (isinstance(pad[i], int)
+                                                          and pad[i] == 0)]
+    return _along_dims(p, node, dims, "padding")
+
+
+def _flip(p, node) -> Any:
+    dims = _o()._arg(node, 1, "dims")
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return _along_dims(p, node, dims, "flip")
+
+
+def _repeat_interleave(p, node) -> Any:
+    """``x.repeat_interleave(r, dim)``: every position along ``dim`` repeated ``r`` times in
+    place, as ``expand`` + ``reshape`` would (grouped-query attention's k/v heads)."""
+    x = p.tv(node.args[0])
+    if x is None:
+        return p.unlabeled_like(node)
+    reps = _o()._arg(node, 1, "repeats")
+    dim = _o()._arg(node, 2, "dim")
+    if not isinstance(reps, int) or not isinstance(dim, int):
+        return _o()._unknown(p, node, "repeat_interleave with tensor repeats or without dim")
+    dim %= x.ndim
+    comps = [Comp(np.repeat(c.lab, reps, axis=dim), c.span, c.soft) if dim in c.span else c
+             for c in x.comps]
+    return TV(comps, _shape(node), x.soft)
+
+
+def _getattr(p, node) -> Any:
+    attr = node.args[1]
+    if attr in ("T", "mT"):
+        return _o()._permute(p, node, "t")
+    return None if not isinstance(node.meta.get("val"), torch.Tensor) else _o()._pointwise(
+        p, node)
+
+
+INDEX_RULES = {
+    "getitem": _getitem, "index": _getitem,
+    "unbind": lambda p, n: _split_like(p, n, "unbind"),
+    "split": lambda p, n: _split_like(p, n, "split"),
+    "split_with_sizes": lambda p, n: _split_like(p, n, "split"),
+    "chunk": lambda p, n: _split_like(p, n, "chunk"),
+    "tensor_split": lambda p, n: _split_like(p, n, "split"),
+    "select": lambda p, n: _narrow_like(p, n, "select"),
+    "narrow": lambda p, n: _narrow_like(p, n, "narrow"),
+    "slice": lambda p, n: _narrow_like(p, n, "slice"),
+    "cat": _cat, "concat": _cat, "concatenate": _cat,
+    "stack": lambda p, n: _cat(p, n, stack=True),
+    "unsqueeze": _unsqueeze, "squeeze": _squeeze,
+    "expand": _expand, "expand_as": _expand, "broadcast_to": _expand,
+    "repeat": _repeat, "repeat_interleave": _repeat_interleave,
+    "roll": _roll, "pad": _pad, "flip": _flip, "getattr": _getattr,
+}
