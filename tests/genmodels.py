@@ -15,7 +15,14 @@
   ``visible`` is False for one head of q/k dim 1 made by its own Linear: a width-1 Linear
   output carries no channel labels, so the analysis may not see that site (there is nothing
   to prune in it either: its q/k and heads are one channel, one head); ``v_visible``
-  likewise for v.
+  likewise for v. Under multi-query attention a k (v) Linear of one k/v head of dim 1 is such
+  a width-1 Linear, so the site (its v) may not be seen either.
+  ``kv_heads`` (k/v heads), ``interleaved`` and ``head_temperature`` repeat the spec;
+  ``qk_head_class`` (``v_head_class``) gives, per q head, the class of heads that must keep
+  the same q/k (v) channels: its k/v head under grouped-query attention, 0 for every head
+  under the interleaved layout with a head dim above 1 (channel ``d`` of every head is one
+  channel), the head itself otherwise; ``qk_shared`` (``v_shared``) is True where two heads
+  share a class.
 
 What a spec varies, per block: head count (1-7, odd counts included), q/k head dim and v head
 dim (independently, 1 to 16), how q, k and v are produced (fused qkv Linear, separate q/k/v
@@ -28,11 +35,22 @@ LayerNorm over the head dim, rotate-half rotary on q/k, a per-head relative posi
 table indexed by a buffer, or a dense per-head parameter), layer scale, and the MLP (GELU,
 SiLU, SwiGLU). Per model: depth 1-3, embedding width, class token or mean pooling.
 
+Attention variants with channels shared across heads, drawn now and then: grouped-query /
+multi-query attention (``kv_heads`` k/v heads, a divisor of the head count, repeated to the q
+heads before the product by ``repeat_interleave`` or ``unsqueeze + expand + reshape``; with
+separate or q + fused kv projections), the interleaved head layout (head ``h`` holds
+projection channels ``d * H + h``: split by reshape to ``(B, N, D, H)`` and a permute, merged
+by the inverse; not with the fused 5-D splits), and a learned per-head temperature ``(1, H, 1,
+1)`` multiplying q right before the product (the scale is unchanged).
+
 Example:
     >>> spec = example_spec()
     >>> model, x, truth = build(spec)
     >>> tuple(model(x).shape), truth["sites"][0]["num_heads"]
     ((2, 5), 3)
+    >>> truth = build(shared_heads_spec())[2]
+    >>> [(s["kv_heads"], s["qk_head_class"], s["qk_shared"]) for s in truth["sites"]]
+    [(2, [0, 0, 1, 1], True), (1, [0, 0, 0], True)]
 """
 
 from __future__ import annotations
@@ -58,6 +76,8 @@ MERGE = ("reshape", "view", "flatten")
 ATTN = ("sdpa", "sdpa_scale", "explicit_pre", "explicit_post", "explicit_div", "einsum")
 REL_POS = (None, "table", "dense")
 MLP = ("gelu", "silu", "swiglu", "swiglu2")
+# how k/v heads are repeated to the q heads (q head h uses k/v head h // (H // kv_heads))
+KV_REPEAT = ("repeat_interleave", "expand")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +99,31 @@ class BlockSpec:
     mlp: str = "gelu"
     mlp_hidden: int = 16
     layer_scale: bool = False
+    kv_heads: int | None = None  # k/v heads (a divisor of num_heads); None: num_heads
+    kv_repeat: str = "repeat_interleave"
+    interleaved: bool = False    # head h holds channels d * H + h (not with "heads5_*")
+    head_temperature: bool = False  # q times a learned (1, H, 1, 1) right before the product
+
+    def __post_init__(self):
+        kv = self.n_kv_heads
+        assert kv >= 1 and self.num_heads % kv == 0, (self.num_heads, kv)
+        assert kv == self.num_heads or self.proj != "fused_qkv", "fused qkv has equal heads"
+        assert not (self.interleaved and self.fused_split.startswith("heads5")) \
+            or self.proj == "separate", "interleaved heads with a fused 5-D split"
+        assert self.kv_repeat in KV_REPEAT, self.kv_repeat
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.num_heads if self.kv_heads is None else self.kv_heads
+
+    def head_class(self, head_dim: int) -> list[int]:
+        """Per q head, the class of heads that keep the same channels of a head dim of
+        ``head_dim`` (q/k or v; module docstring). With one channel per head the interleaved
+        layout is the plain one: channel ``0 * H + h`` is channel ``h``."""
+        if self.interleaved and head_dim > 1:
+            return [0] * self.num_heads
+        group = self.num_heads // self.n_kv_heads
+        return [h // group for h in range(self.num_heads)]
 
     @property
     def scale(self) -> float:
@@ -137,13 +182,27 @@ def block_specs(draw, max_head_width: int = 64, min_head_dim: int = 1) -> BlockS
     if attn in ("sdpa_scale", "explicit_pre", "explicit_post", "einsum"):
         scale_mult = draw(st.sampled_from([1.0, 0.5, 2.0]))
     mlp = draw(st.sampled_from(MLP))
-    return BlockSpec(
+    common = dict(
         num_heads=num_heads, qk_head_dim=qk, v_head_dim=v, proj=proj, fused_split=fused_split,
         qkv_bias=draw(st.booleans()), head_split=draw(st.sampled_from(HEAD_SPLIT)),
         perm=draw(st.sampled_from(PERM)), merge=draw(st.sampled_from(MERGE)), attn=attn,
         scale_mult=scale_mult, qk_norm=draw(st.booleans()), rotary=rotary,
         rel_pos=draw(st.sampled_from(REL_POS)), mlp=mlp,
         mlp_hidden=draw(st.integers(2, 48)), layer_scale=draw(st.booleans()))
+    # the variants below are drawn last, each with a moderate probability (sampled_from shrinks
+    # to its first element: the plain block)
+    kv_heads, kv_repeat = None, "repeat_interleave"
+    # k/v head counts, the most first (shrinks towards fewer shared heads); 1 = multi-query
+    divisors = [d for d in range(num_heads - 1, 0, -1) if num_heads % d == 0]
+    if proj != "fused_qkv" and divisors and draw(st.sampled_from([False, False, False, True])):
+        kv_heads = draw(st.sampled_from(divisors))
+        kv_repeat = draw(st.sampled_from(KV_REPEAT))
+    interleaved = False
+    if proj == "separate" or not fused_split.startswith("heads5"):
+        interleaved = draw(st.sampled_from([False] * 5 + [True]))
+    head_temperature = draw(st.sampled_from([False] * 5 + [True]))
+    return BlockSpec(**common, kv_heads=kv_heads, kv_repeat=kv_repeat, interleaved=interleaved,
+                     head_temperature=head_temperature)
 
 
 @st.composite
@@ -167,31 +226,58 @@ def example_spec() -> ViTSpec:
     ), class_token=True, seed=1)
 
 
+def shared_heads_spec() -> ViTSpec:
+    """A fixed spec with the variants whose heads share channels (grouped-query attention,
+    interleaved heads) and a per-head temperature."""
+    return ViTSpec(embed=16, blocks=(
+        BlockSpec(4, 4, 2, proj="separate", kv_heads=2, kv_repeat="expand",
+                  head_temperature=True, attn="explicit_post", mlp_hidden=8),
+        BlockSpec(3, 2, 4, proj="q_kv", kv_heads=1, interleaved=True, attn="sdpa",
+                  mlp_hidden=8),
+    ), class_token=False, seed=2)
+
+
 # --------------------------------------------------------------------------------------------
 # Modules.
 
 
-def _split_heads(t, H: int, D: int, how: str, perm: str):
-    """(B, N, H * D) -> (B, H, N, D)."""
+def _split_heads(t, H: int, D: int, how: str, perm: str, interleaved: bool = False):
+    """(B, N, H * D) -> (B, H, N, D); interleaved: head h holds channels d * H + h."""
     B, N = t.shape[0], t.shape[1]
+    inner = (D, H) if interleaved else (H, D)
     if how == "reshape":
-        t = t.reshape(B, N, H, D)
+        t = t.reshape(B, N, *inner)
     elif how == "view":
-        t = t.view(B, N, H, D)
+        t = t.view(B, N, *inner)
     else:
-        t = t.unflatten(-1, (H, D))
+        t = t.unflatten(-1, inner)
+    if interleaved:  # (B, N, D, H) -> (B, H, N, D)
+        return t.permute(0, 3, 1, 2) if perm == "permute" else t.transpose(2, 3).transpose(1, 2)
     return t.permute(0, 2, 1, 3) if perm == "permute" else t.transpose(1, 2)
 
 
-def _merge_heads(t, how: str, perm: str):
-    """(B, H, N, Dv) -> (B, N, H * Dv)."""
+def _merge_heads(t, how: str, perm: str, interleaved: bool = False):
+    """(B, H, N, Dv) -> (B, N, H * Dv); interleaved: the inverse of the interleaved split."""
     B, H, N, D = t.shape
-    t = t.permute(0, 2, 1, 3) if perm == "permute" else t.transpose(1, 2)
+    if interleaved:  # (B, H, N, D) -> (B, N, D, H)
+        t = t.permute(0, 2, 3, 1) if perm == "permute" else t.transpose(1, 2).transpose(2, 3)
+    else:
+        t = t.permute(0, 2, 1, 3) if perm == "permute" else t.transpose(1, 2)
     if how == "reshape":
         return t.reshape(B, N, H * D)
     if how == "view":
         return t.contiguous().view(B, N, -1)
     return t.flatten(2)
+
+
+def _repeat_kv(t, groups: int, how: str):
+    """(B, Hkv, N, D) -> (B, Hkv * groups, N, D): head h is k/v head h // groups."""
+    if groups == 1:
+        return t
+    if how == "repeat_interleave":
+        return t.repeat_interleave(groups, dim=1)
+    B, Hkv, N, D = t.shape
+    return t.unsqueeze(2).expand(B, Hkv, groups, N, D).reshape(B, Hkv * groups, N, D)
 
 
 def _rotate_half(x):
@@ -204,16 +290,17 @@ class GenAttention(nn.Module):
         super().__init__()
         self.s = s
         H, Dq, Dv = s.num_heads, s.qk_head_dim, s.v_head_dim
-        self.sizes = [H * Dq, H * Dq, H * Dv]
+        Hkv = s.n_kv_heads
+        self.sizes = [H * Dq, Hkv * Dq, Hkv * Dv]
         if s.proj == "fused_qkv":
             self.qkv = nn.Linear(dim, sum(self.sizes), bias=s.qkv_bias)
         elif s.proj == "separate":
             self.q = nn.Linear(dim, H * Dq, bias=s.qkv_bias)
-            self.k = nn.Linear(dim, H * Dq, bias=s.qkv_bias)
-            self.v = nn.Linear(dim, H * Dv, bias=s.qkv_bias)
+            self.k = nn.Linear(dim, Hkv * Dq, bias=s.qkv_bias)
+            self.v = nn.Linear(dim, Hkv * Dv, bias=s.qkv_bias)
         else:
             self.q = nn.Linear(dim, H * Dq, bias=s.qkv_bias)
-            self.kv = nn.Linear(dim, H * (Dq + Dv), bias=s.qkv_bias)
+            self.kv = nn.Linear(dim, Hkv * (Dq + Dv), bias=s.qkv_bias)
         if s.qk_norm:
             self.q_norm = nn.LayerNorm(Dq)
             self.k_norm = nn.LayerNorm(Dq)
@@ -246,6 +333,8 @@ class GenAttention(nn.Module):
         elif s.rel_pos == "dense":
             self.pos_bias = nn.Parameter(0.5 * torch.randn(1, H, tokens, tokens))
         self.proj = nn.Linear(H * Dv, dim)
+        if s.head_temperature:  # drawn last: the other parameters are those of the plain block
+            self.temperature = nn.Parameter(torch.empty(1, H, 1, 1).uniform_(0.5, 2.0))
         self.tokens = tokens
 
     # -- q, k, v as (B, H, N, D) ----------------------------------------------------------
@@ -265,11 +354,11 @@ class GenAttention(nn.Module):
             start += size
         return out
 
-    def _heads5(self, y, parts: int):
+    def _heads5(self, y, parts: int, H: int):
         """reshape/view (B, N, parts, H, D) + unbind: every part keeps the same head dim."""
         s = self.s
         B, N = y.shape[0], y.shape[1]
-        H, D = s.num_heads, s.qk_head_dim
+        D = s.qk_head_dim
         if s.fused_split == "heads5_permute":
             t = y.reshape(B, N, parts, H, D)
             t = t.permute(2, 0, 3, 1, 4).unbind(0)
@@ -280,26 +369,26 @@ class GenAttention(nn.Module):
 
     def qkv_heads(self, x):
         s = self.s
-        H, Dq, Dv = s.num_heads, s.qk_head_dim, s.v_head_dim
+        H, Dq, Dv, Hkv = s.num_heads, s.qk_head_dim, s.v_head_dim, s.n_kv_heads
 
-        def heads(t, D):
-            return _split_heads(t, H, D, s.head_split, s.perm)
+        def heads(t, D, n=H):
+            return _split_heads(t, n, D, s.head_split, s.perm, s.interleaved)
 
         if s.proj == "separate":
-            return heads(self.q(x), Dq), heads(self.k(x), Dq), heads(self.v(x), Dv)
+            return heads(self.q(x), Dq), heads(self.k(x), Dq, Hkv), heads(self.v(x), Dv, Hkv)
         if s.proj == "fused_qkv":
             y = self.qkv(x)
             if s.fused_split.startswith("heads5"):
-                return tuple(self._heads5(y, 3))
+                return tuple(self._heads5(y, 3, H))
             q, k, v = self._parts(y, self.sizes)
             return heads(q, Dq), heads(k, Dq), heads(v, Dv)
         q = heads(self.q(x), Dq)
         y = self.kv(x)
         if s.fused_split.startswith("heads5"):
-            k, v = self._heads5(y, 2)
+            k, v = self._heads5(y, 2, Hkv)
             return q, k, v
         k, v = self._parts(y, self.sizes[1:])
-        return q, heads(k, Dq), heads(v, Dv)
+        return q, heads(k, Dq, Hkv), heads(v, Dv, Hkv)
 
     def bias(self):
         s = self.s
@@ -319,6 +408,10 @@ class GenAttention(nn.Module):
         if s.rotary:
             q = q * self.rope_cos + _rotate_half(q) * self.rope_sin
             k = k * self.rope_cos + _rotate_half(k) * self.rope_sin
+        if s.head_temperature:
+            q = q * self.temperature
+        groups = s.num_heads // s.n_kv_heads
+        k, v = _repeat_kv(k, groups, s.kv_repeat), _repeat_kv(v, groups, s.kv_repeat)
         bias = self.bias()
         if s.attn == "sdpa":
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
@@ -342,7 +435,7 @@ class GenAttention(nn.Module):
                 o = torch.einsum("bhnm,bhmd->bhnd", attn, v)
             else:
                 o = attn @ v
-        return self.proj(_merge_heads(o, s.merge, s.perm))
+        return self.proj(_merge_heads(o, s.merge, s.perm, s.interleaved))
 
 
 class GenMlp(nn.Module):
@@ -421,11 +514,17 @@ def truth_of(spec: ViTSpec) -> dict:
     sites = []
     for b in spec.blocks:
         frozen = b.qk_head_dim > 1 if b.qk_norm else (None if b.rotary else False)
+        qk_class, v_class = b.head_class(b.qk_head_dim), b.head_class(b.v_head_dim)
         sites.append({"num_heads": b.num_heads, "qk_head_dim": b.qk_head_dim,
                       "v_head_dim": b.v_head_dim, "scale": b.scale,
                       "kind": "window" if b.rel_pos else "softmax", "frozen_qk": frozen,
-                      "visible": b.num_heads * b.qk_head_dim > 1,
-                      "v_visible": b.num_heads * b.v_head_dim > 1})
+                      "visible": b.n_kv_heads * b.qk_head_dim > 1,
+                      "v_visible": b.n_kv_heads * b.v_head_dim > 1,
+                      "kv_heads": b.n_kv_heads, "interleaved": b.interleaved,
+                      "head_temperature": b.head_temperature,
+                      "qk_head_class": qk_class, "v_head_class": v_class,
+                      "qk_shared": len(set(qk_class)) < len(qk_class),
+                      "v_shared": len(set(v_class)) < len(v_class)})
     return {"sites": sites, "mlp_hidden": [b.mlp_hidden for b in spec.blocks]}
 
 
