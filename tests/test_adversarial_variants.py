@@ -265,17 +265,26 @@ class _Masked(nn.Module):
         return self.proj(_merge(o))
 
 
-# --------------------------------------------------------------------------------------------
-# 5. heads folded into the batch for bmm; 6. interleaved head layout
+class _FusedQKV(nn.Module):
+    """A fused qkv Linear and an output projection, shared by several variants below;
+    :meth:`split_heads` gives q, k, v as (B, H, N, D)."""
 
-
-class _FoldedBmm(nn.Module):
     def __init__(self, dim=32, heads=4):
         super().__init__()
         self.H, self.D = heads, dim // heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
+    def split_heads(self, x):
+        B, N, _ = x.shape
+        return self.qkv(x).reshape(B, N, 3, self.H, self.D).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. heads folded into the batch for bmm; 6. interleaved head layout
+
+
+class _FoldedBmm(_FusedQKV):
     def forward(self, x):
         B, N, C = x.shape
         H, D = self.H, self.D
@@ -423,18 +432,12 @@ class _VIsQ(nn.Module):
 # 12. parallel block (built with parallel=True); 13. token-mixing MLP next to attention
 
 
-class _SDPA(nn.Module):
+class _SDPA(_FusedQKV):
     """Plain fused-qkv SDPA attention (the partner of the block-level variants)."""
-
-    def __init__(self, dim=32, heads=4):
-        super().__init__()
-        self.H, self.D = heads, dim // heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.H, self.D).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self.split_heads(x)
         return self.proj(_merge(F.scaled_dot_product_attention(q, k, v)))
 
 
@@ -478,18 +481,12 @@ class _ChunkStack(nn.Module):
         return self.proj(torch.cat(o.unbind(1), dim=-1))
 
 
-class _BroadcastSum(nn.Module):
+class _BroadcastSum(_FusedQKV):
     """Scores as ``(q.unsqueeze(3) * k.unsqueeze(2)).sum(-1)``; ``heads`` = 1 or 4."""
-
-    def __init__(self, dim=32, heads=4):
-        super().__init__()
-        self.H, self.D = heads, dim // heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.H, self.D).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self.split_heads(x)
         attn = (q.unsqueeze(3) * k.unsqueeze(2)).sum(-1) * self.D ** -0.5
         return self.proj(_merge(attn.softmax(-1) @ v))
 
@@ -517,19 +514,13 @@ class _EinsumHeadParams(nn.Module):
         return torch.einsum("bhnd,hdc->bnc", o, self.wo)
 
 
-class _HeadMeanReweight(nn.Module):
+class _HeadMeanReweight(_FusedQKV):
     """EViT-like: the attention map averaged over heads (attention each token receives)
     reweights the block output token by token."""
 
-    def __init__(self, dim=32, heads=4):
-        super().__init__()
-        self.H, self.D = heads, dim // heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
     def forward(self, x):
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.H, self.D).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self.split_heads(x)
         attn = (q @ k.transpose(-2, -1) * self.D ** -0.5).softmax(-1)
         received = attn.mean(1).mean(1)  # (B, N)
         return self.proj(_merge(attn @ v)) * (N * received).unsqueeze(-1)
