@@ -312,8 +312,7 @@ def _heads_used_across(raw: RawSite, comps: Components, group_of_channel,
     for ch in channels.tolist():
         if ch in comps.frozen_reason:
             return f"the heads are used across heads: {comps.frozen_reason[ch]}"
-    known = channels[channels < len(group_of_channel)]
-    if (group_of_channel[known] >= 0).any():
+    if (group_of_channel[channels] >= 0).any():
         return "the heads of the scores are mixed by a contraction over heads"
     if any(sites_of_head[ch] > 1 for ch in channels.tolist()):
         return "the heads are combined with the heads of another q.k product"

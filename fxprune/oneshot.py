@@ -71,35 +71,28 @@ class _Units:
 
 def _units(group, score: np.ndarray) -> _Units:
     layout = group.layout
-    classes = _head_classes(layout) if group.shared_across_heads else None
-    if classes is not None and len(classes) > 1:
+    if not group.shared_across_heads:
+        classes = [[h] for h in range(layout.shape[0])]
+    else:
         # heads sharing all their channels (grouped-query attention: the q heads of one k/v
-        # head) are one effective head; distinct classes keep their own channels
-        rows_c, rows_s = [], []
-        for heads in classes:
-            uniq, inverse = np.unique(layout[heads], return_inverse=True)
-            inverse = inverse.ravel()
-            sums = np.bincount(inverse, weights=score[heads].ravel(), minlength=len(uniq))
-            rows_c.append(uniq)
-            rows_s.append(sums / np.bincount(inverse, minlength=len(uniq)))
-        if len({len(r) for r in rows_c}) == 1:
-            return _Units(np.stack(rows_c), np.stack(rows_s), layout.shape[1] // len(rows_c[0]))
-    if group.shared_across_heads:
-        uniq, inverse = np.unique(layout, return_inverse=True)
-        sums = np.bincount(inverse.ravel(), weights=score.ravel(), minlength=len(uniq))
-        counts = np.bincount(inverse.ravel(), minlength=len(uniq))
-        per_unit = layout.size // (len(uniq) * layout.shape[0]) or 1
-        return _Units(uniq.reshape(1, -1), (sums / counts).reshape(1, -1), per_unit)
-    rows_c, rows_s = [], []
-    for h in range(layout.shape[0]):
-        uniq, inverse = np.unique(layout[h], return_inverse=True)
-        sums = np.bincount(inverse, weights=score[h], minlength=len(uniq))
-        rows_c.append(uniq)
-        rows_s.append(sums / np.bincount(inverse, minlength=len(uniq)))
-    width = {len(r) for r in rows_c}
-    if len(width) != 1:
-        raise PlanError(WHERE, f"group {group.index} has heads with different channel counts")
-    return _Units(np.stack(rows_c), np.stack(rows_s), layout.shape[1] // width.pop())
+        # head; every head, for a parameter shared by all) are one effective head
+        classes = _head_classes(layout) or [list(range(layout.shape[0]))]
+    rows = [_mean_by_channel(layout[heads], score[heads]) for heads in classes]
+    if len({len(ids) for ids, _ in rows}) != 1:
+        if not group.shared_across_heads:
+            raise PlanError(WHERE, f"group {group.index} has heads with different channel "
+                            "counts")
+        rows = [_mean_by_channel(layout, score)]  # one effective head over every channel
+    per_unit = max(1, layout.shape[1] // len(rows[0][0]))
+    return _Units(np.stack([ids for ids, _ in rows]), np.stack([m for _, m in rows]), per_unit)
+
+
+def _mean_by_channel(ids: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct channel ids of ``ids`` and the mean score of the positions of each."""
+    uniq, inverse = np.unique(ids, return_inverse=True)
+    inverse = inverse.ravel()
+    sums = np.bincount(inverse, weights=score.ravel(), minlength=len(uniq))
+    return uniq, sums / np.bincount(inverse, minlength=len(uniq))
 
 
 def _head_classes(layout: np.ndarray) -> list[list[int]] | None:

@@ -50,8 +50,7 @@ def _contraction(p: Propagator, node, a_arg, b_arg, la, lb, lo, *, arg_positions
     b = p.tv(b_arg) or TV([], _shape(b_arg) or ())
     n_sinks = len(p.sinks)
     out = p.contract([(a, la), (b, lb)], lo, sink_args=list(arg_positions), sink_kind="matmul")
-    hard_contracted, by_operand, fresh_heads = p._last_contraction
-    b = p.last_operands[1]
+    hard_contracted, by_operand, fresh_heads, (_, b) = p._last_contraction
     if len(hard_contracted) == 2:
         # both operands are activations whose channels meet here: a q.k product
         new = p.sinks[n_sinks:]
@@ -196,13 +195,13 @@ def _sdpa(p: Propagator, node) -> Any:
     q, k, v = p.tv(q_arg), p.tv(k_arg), p.tv(v_arg)
     scores = p.contract([(q, batch + "NK"), (k, batch + "MK")], batch + "NM",
                         sink_args=[0, None], sink_kind="qk")
-    hard_contracted, by_operand, fresh_heads = p._last_contraction
+    hard_contracted, by_operand, fresh_heads, _ = p._last_contraction
     if isinstance(mask, torch.fx.Node) and p.tv(mask) is not None:
         scores = p.pointwise([scores, p.tv(mask)], scores.shape)
     out = p.contract([(scores, batch + "NM"), (v, batch + "ME")], batch + "NE")
     out.shape = _shape(node) or out.shape
     if len(hard_contracted) == 2:
-        v = p.last_operands[1]
+        v = p._last_contraction[3][1]  # v as the product with the scores read it
         v_comps = [c for c in (v.comps if v else []) if c.span]
         site = RawSite(node, q_arg, k_arg, by_operand[0], by_operand[1],
                        fresh_heads.lab if fresh_heads is not None else np.zeros(0, np.int64),

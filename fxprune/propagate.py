@@ -94,7 +94,6 @@ class Propagator:
         self.kv_origin: dict[int, tuple] = {}
         self.score_site: dict[torch.fx.Node, int] = {}
         self.current: torch.fx.Node | None = None
-        self.last_operands: list[TV] = []
 
     # -- driver ---------------------------------------------------------------------------
     def run(self) -> Propagator:
@@ -341,8 +340,8 @@ class Propagator:
         if fresh_heads is not None and not any(
                 set(c.span) >= set(fresh_heads.span) for c in out_comps):
             out_comps.append(fresh_heads)
-        self._last_contraction = (hard_contracted, by_operand, fresh_heads)
-        self.last_operands = tvs  # as this contraction read them (see _onto_unit_dims)
+        # the operands as this contraction read them (see _onto_unit_dims) come last
+        self._last_contraction = (hard_contracted, by_operand, fresh_heads, tvs)
         out_shape = tuple(sizes[ch] for ch in out_letters)
         soft = all(tv.soft for tv in tvs)
         if not soft:  # a weight's row labels on an activation are activation channels

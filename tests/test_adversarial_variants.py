@@ -112,6 +112,13 @@ def _heads(t, B, N, H, D):
     return t.reshape(B, N, H, D).transpose(1, 2)
 
 
+def _split_fused(t, H, D, parts=3):
+    """A fused projection's output (B, N, parts * H * D) -> ``parts`` tensors (B, H, N, D)
+    (q, k, v, or k, v)."""
+    B, N = t.shape[0], t.shape[1]
+    return t.reshape(B, N, parts, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+
+
 def _merge(o):
     """(B, H, N, D) -> (B, N, H * D)."""
     B, H, N, D = o.shape
@@ -137,7 +144,7 @@ class _GQA(nn.Module):
         H, Hkv, D = self.H, self.Hkv, self.D
         r = H // Hkv
         q = _heads(self.q(x), B, N, H, D)
-        k, v = self.kv(x).reshape(B, N, 2, Hkv, D).permute(2, 0, 3, 1, 4).unbind(0)
+        k, v = _split_fused(self.kv(x), Hkv, D, parts=2)
         if self.mode == "sdpa_gqa":
             return self.proj(_merge(F.scaled_dot_product_attention(q, k, v, enable_gqa=True)))
         if self.mode == "repeat_interleave":  # q head h uses kv head h // r
@@ -172,7 +179,7 @@ class _TalkingHeads(nn.Module):
 
     def forward(self, x):
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.H, self.D).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = _split_fused(self.qkv(x), self.H, self.D)
         attn = q @ k.transpose(-2, -1) * self.D ** -0.5
         if self.pre is not None:
             attn = self.pre(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -205,9 +212,8 @@ class _Cross(nn.Module):
             src = self.latents.expand(B, -1, -1)
         else:
             src = x.reshape(B, N // 2, 2, C).mean(2)
-        M = src.shape[1]
         q = _heads(self.q(x), B, N, self.H, self.D)
-        k, v = self.kv(src).reshape(B, M, 2, self.H, self.D).permute(2, 0, 3, 1, 4).unbind(0)
+        k, v = _split_fused(self.kv(src), self.H, self.D, parts=2)
         return self.proj(_merge(F.scaled_dot_product_attention(q, k, v)))
 
 
@@ -250,7 +256,7 @@ class _Masked(nn.Module):
 
     def forward(self, x):
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.H, self.D).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = _split_fused(self.qkv(x), self.H, self.D)
         if self.mode == "sdpa_causal":
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif self.mode == "sdpa_mask":
@@ -266,18 +272,13 @@ class _Masked(nn.Module):
 
 
 class _FusedQKV(nn.Module):
-    """A fused qkv Linear and an output projection, shared by several variants below;
-    :meth:`split_heads` gives q, k, v as (B, H, N, D)."""
+    """A fused qkv Linear and an output projection, shared by several variants below."""
 
     def __init__(self, dim=32, heads=4):
         super().__init__()
         self.H, self.D = heads, dim // heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-
-    def split_heads(self, x):
-        B, N, _ = x.shape
-        return self.qkv(x).reshape(B, N, 3, self.H, self.D).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,7 +289,7 @@ class _FoldedBmm(_FusedQKV):
     def forward(self, x):
         B, N, C = x.shape
         H, D = self.H, self.D
-        q, k, v = self.qkv(x).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = _split_fused(self.qkv(x), H, D)
         q, k, v = (t.reshape(B * H, N, D) for t in (q, k, v))
         attn = torch.bmm(q, k.transpose(1, 2)) * D ** -0.5
         o = torch.bmm(attn.softmax(-1), v).reshape(B, H, N, D)
@@ -330,7 +331,7 @@ class _Cosine(nn.Module):
 
     def forward(self, x):
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.H, self.D).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = _split_fused(self.qkv(x), self.H, self.D)
         attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
         attn = attn * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
         return self.proj(_merge(attn.softmax(-1) @ v))
@@ -368,7 +369,7 @@ class _HeadGate(nn.Module):
 
     def forward(self, x):
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.H, self.D).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = _split_fused(self.qkv(x), self.H, self.D)
         o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # (B, N, H, D)
         o = o * torch.sigmoid(self.gate(x)).unsqueeze(-1)
         return self.proj(o.reshape(B, N, C))
@@ -403,7 +404,7 @@ class _ValueOps(nn.Module):
 
     def forward(self, x):
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.H, self.D).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = _split_fused(self.qkv(x), self.H, self.D)
         if self.mode == "swish":
             v = v * torch.sigmoid(v)
         elif self.mode == "bias":
@@ -437,7 +438,7 @@ class _SDPA(_FusedQKV):
 
     def forward(self, x):
         B, N, C = x.shape
-        q, k, v = self.split_heads(x)
+        q, k, v = _split_fused(self.qkv(x), self.H, self.D)
         return self.proj(_merge(F.scaled_dot_product_attention(q, k, v)))
 
 
@@ -486,7 +487,7 @@ class _BroadcastSum(_FusedQKV):
 
     def forward(self, x):
         B, N, C = x.shape
-        q, k, v = self.split_heads(x)
+        q, k, v = _split_fused(self.qkv(x), self.H, self.D)
         attn = (q.unsqueeze(3) * k.unsqueeze(2)).sum(-1) * self.D ** -0.5
         return self.proj(_merge(attn.softmax(-1) @ v))
 
@@ -520,7 +521,7 @@ class _HeadMeanReweight(_FusedQKV):
 
     def forward(self, x):
         B, N, C = x.shape
-        q, k, v = self.split_heads(x)
+        q, k, v = _split_fused(self.qkv(x), self.H, self.D)
         attn = (q @ k.transpose(-2, -1) * self.D ** -0.5).softmax(-1)
         received = attn.mean(1).mean(1)  # (B, N)
         return self.proj(_merge(attn @ v)) * (N * received).unsqueeze(-1)
@@ -542,7 +543,7 @@ class _LatentQueries(nn.Module):
     def forward(self, x):
         B, N, C = x.shape
         q = _heads(self.q(self.latents.expand(B, -1, -1)), B, 4, self.H, self.D)
-        k, v = self.kv(x).reshape(B, N, 2, self.H, self.D).permute(2, 0, 3, 1, 4).unbind(0)
+        k, v = _split_fused(self.kv(x), self.H, self.D, parts=2)
         o = self.proj(_merge(F.scaled_dot_product_attention(q, k, v)))  # (B, 4, C)
         return o.mean(1, keepdim=True)
 
@@ -560,7 +561,7 @@ class _DiffAttention(nn.Module):
 
     def forward(self, x):
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.H, self.D).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = _split_fused(self.qkv(x), self.H, self.D)
         q1, q2 = q.chunk(2, dim=-1)
         k1, k2 = k.chunk(2, dim=-1)
         s = (self.D // 2) ** -0.5
@@ -599,7 +600,7 @@ class _HeadTemperature(nn.Module):
 
     def forward(self, x):
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.H, self.D).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = _split_fused(self.qkv(x), self.H, self.D)
         return self.proj(_merge(F.scaled_dot_product_attention(q * self.tau, k, v, scale=1.0)))
 
 
