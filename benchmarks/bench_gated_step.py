@@ -9,11 +9,11 @@ fp32, on one fixed batch of random images and labels:
   (``fxprune.pipeline.prepare``), no indicators: separates the cost of running an fx
   GraphModule (and split q/k/v) from the cost of the indicators.
 * ``gated``: traced, prepared, analysed, ``InsertIndicators`` (similarity on, heads
-  synchronised): one step exactly as ``fxprune.search`` runs it: forward through the
+  synchronised): one step exactly as ``fxprune.amap.search`` runs it: forward through the
   indicator gates, cross-entropy + MACs loss (``MacsModel`` on the straight-through keep
   masks), backward, AdamW step over weights and indicators (two parameter groups).
 
-``fxprune.search`` also recomputes the similarity weights (``refresh_similarity``) every
+``fxprune.amap.search`` also recomputes the similarity weights (``refresh_similarity``) every
 ``similarity_every`` (default 10) steps; that call is timed separately and reported both
 alone and amortised (``gated_amortised_ms = gated + refresh / similarity_every``).
 
@@ -65,11 +65,11 @@ def build(args):
     import torch.nn as nn
 
     import fxprune
-    from fxprune.macs_model import MacsModel
-    from fxprune.oneshot import _own_copy
+    from fxprune.amap.macs_model import MacsModel
+    from fxprune.amap.search import SearchConfig, refresh_similarity
     from fxprune.passes.insert_indicators import InsertIndicators, indicator_modules
     from fxprune.pipeline import prepare
-    from fxprune.search import SearchConfig, refresh_similarity
+    from fxprune.planning.oneshot import _own_copy
 
     torch.manual_seed(args.seed)
     kw = {"img_size": args.img_size} if args.img_size else {}
@@ -107,7 +107,7 @@ def build(args):
         {"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
         {"params": ind_params, "lr": cfg.indicator_lr, "weight_decay": 0.0}])
 
-    def gated_step():  # the body of fxprune.search's loop (without the refresh and the bar)
+    def gated_step():  # the body of fxprune.amap.search's loop (without the refresh and the bar)
         out = gated(x)
         task = ce(out, y)
         keep = {g: ind.keep() for g, ind in indicators.items()}

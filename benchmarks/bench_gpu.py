@@ -25,7 +25,7 @@ For each timm model (random weights, eval mode) this builds:
   Channel Selection is not part of these rows.
 
 ``--models`` also takes fxprune model specs (``fxprune:flatten.flatten_swin_tiny``, as
-``bench_speed.py`` and the CLI: :func:`fxprune.models_registry.load_model`; the input's channels
+``bench_speed.py`` and the CLI: :func:`fxprune.app.models_registry.load_model`; the input's channels
 and size come from the spec's example input). Torch-Pruning is not run on them (its timm recipe
 knows neither FLatten's focused linear attention nor this Swin's modules).
 
@@ -368,7 +368,7 @@ def bench_model(name: str, args, device, dtype, tp) -> list[dict]:
 
     torch.manual_seed(args.seed)
     if is_spec(name):  # fxprune:flatten.flatten_swin_tiny, timm:..., file.py:factory
-        from fxprune.models_registry import load_model
+        from fxprune.app.models_registry import load_model
 
         model, x1 = load_model(name, (args.img_size, args.img_size) if args.img_size else None)
         model = model.eval()

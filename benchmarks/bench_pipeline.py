@@ -9,7 +9,7 @@ Two figures, each the median of ``--repeats`` (default 3) runs after one untimed
   two calls followed by ``fxprune.prune(model, x, macs_ratio=0.7)`` (which runs its own trace,
   preparation passes and analysis, then scores, allocates and slices); target < 3 s.
 
-Stage times are reported too (trace, analyze, the preparation passes, ``fxprune.oneshot.plan``
+Stage times are reported too (trace, analyze, the preparation passes, ``fxprune.planning.oneshot.plan``
 and the whole of ``prune``) so a missed target points at its stage. When ``torch_pruning`` is
 importable, ``torch_pruning.DependencyGraph().build_dependency(model, example_inputs=x)`` on the
 ViT-L model is timed in the same run, the same way.
@@ -105,9 +105,9 @@ def bench_analyze(name: str, repeats: int, tp) -> dict:
 def bench_prune(name: str, repeats: int, ratio: float, align: int,
                 profile: str | None = None) -> dict:
     import fxprune
-    from fxprune.oneshot import plan
     from fxprune.passbase import copy_graph_module
     from fxprune.pipeline import prepare
+    from fxprune.planning.oneshot import plan
 
     model, x = _model(name)
     row = {"model": name, "params": sum(p.numel() for p in model.parameters()),

@@ -119,7 +119,7 @@ def build_variants(args) -> tuple[list[dict], object]:
 
     torch.manual_seed(args.seed)
     if ":" in args.model:  # a model spec: fxprune:flatten.flatten_swin_tiny, torchvision:...
-        from fxprune.models_registry import load_model
+        from fxprune.app.models_registry import load_model
 
         hw = (args.img_size, args.img_size) if args.img_size else None
         model, x1 = load_model(args.model, hw)

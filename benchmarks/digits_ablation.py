@@ -2,7 +2,7 @@
 train in minutes).
 
 For every seed: a dense ``digits_vit`` (``fxprune.models.reference``) is trained from scratch on
-the fixed train/test split of :mod:`fxprune.digits`; then each variant prunes it to
+the fixed train/test split of :mod:`fxprune.app.digits`; then each variant prunes it to
 ``macs_ratio`` 0.5 of the dense MACs and is retrained:
 
 ``amap``                search (similarity weight + head sync), refine with reweight modules
@@ -17,7 +17,7 @@ the fixed train/test split of :mod:`fxprune.digits`; then each variant prunes it
 ``amap`` and ``amap-no-reweight`` share one search (same seed, same config: the search would be
 identical). One-shot models are fine-tuned for the refine's number of epochs with the refine's
 optimizer settings (AdamW, lr 5e-4 cosine to 5e-6 per step, weight decay 1e-6: the defaults of
-``fxprune.search.refine``), by a loop that mirrors ``refine``'s. Note that AMAP variants see
+``fxprune.amap.search.refine``), by a loop that mirrors ``refine``'s. Note that AMAP variants see
 ``search + refine`` epochs of training after the dense model, one-shot variants ``refine``
 epochs only (the comparison the paper makes as well).
 
@@ -90,20 +90,20 @@ if str(ROOT) not in sys.path:  # run from a plain checkout too
     sys.path.insert(0, str(ROOT))
 
 import fxprune  # noqa: E402
-from fxprune.digits import accuracy, batches, load_digits_split, train  # noqa: E402
+from fxprune.amap.search import SearchConfig, refine, search  # noqa: E402
+from fxprune.app.digits import accuracy, batches, load_digits_split, train  # noqa: E402
 from fxprune.passes.slice import Slice  # noqa: E402
-from fxprune.search import SearchConfig, refine, search  # noqa: E402
 
 VARIANTS = ["amap", "amap-no-reweight", "amap-no-similarity", "amap-no-sync", "l1-oneshot",
             "random-oneshot"]
 PAPER = {"amap": 76.53, "amap-no-reweight": 76.36, "amap-no-similarity": 75.90,
          "amap-no-sync": 72.78}
-REFINE_LR, REFINE_LR_MIN, REFINE_WD = 5e-4, 5e-6, 1e-6   # fxprune.search.refine defaults
+REFINE_LR, REFINE_LR_MIN, REFINE_WD = 5e-4, 5e-6, 1e-6   # fxprune.amap.search.refine defaults
 
 
 class EpochLoader:
     """The training split as a re-iterable loader: every ``iter()`` (one epoch) is a new,
-    deterministic shuffle (``seed * 1000 + epoch``), like ``fxprune.digits.train`` uses."""
+    deterministic shuffle (``seed * 1000 + epoch``), like ``fxprune.app.digits.train`` uses."""
 
     def __init__(self, data, seed: int, batch_size: int = 64):
         self.data, self.seed, self.batch_size, self.epoch = data, seed, batch_size, 0
@@ -180,7 +180,7 @@ def kept_per_head(result) -> dict:
 
 def train_dense(data, seed: int, epochs: int, factory=None) -> nn.Module:
     """The seed's dense ``digits_vit`` (or ``factory()``, built after seeding), trained from
-    scratch (``fxprune.digits.train``)."""
+    scratch (``fxprune.app.digits.train``)."""
     from fxprune.models.reference import digits_vit
 
     torch.manual_seed(seed)

@@ -78,7 +78,7 @@ for _p in (str(HERE.parent), str(HERE)):  # a plain checkout; digits_ablation be
 import digits_ablation as abl  # noqa: E402
 
 import fxprune  # noqa: E402
-from fxprune.digits import accuracy, load_digits_split  # noqa: E402
+from fxprune.app.digits import accuracy, load_digits_split  # noqa: E402
 
 VARIANTS = ["amap", "amap-no-init", "l1-oneshot"]
 DENSE_EPOCHS, EPOCHS = 100, 30            # digits_ablation.py's defaults

@@ -35,7 +35,7 @@ Choices, all fixed before any run (nothing was tuned on the results):
   ToaSt's TCS is training-free, applied at inference; the pass's module gathers weight rows
   differentiably, so fine-tuning after TCS would also run, but it is not what is done here.
   TCS selects channels per BATCH (one gather for the batch); accuracy is measured with the
-  benchmark's test batches of 256 (``fxprune.digits.accuracy``), so one selection serves 256
+  benchmark's test batches of 256 (``fxprune.app.digits.accuracy``), so one selection serves 256
   images. The row also records ``accuracy_per_image`` (batch 1: a selection per image) and the
   fine-tuned model before TCS (``accuracy_before_tcs``, ``macs_ratio_before_tcs``).
 
@@ -80,9 +80,9 @@ for _p in (str(HERE.parent), str(HERE)):  # a plain checkout; digits_ablation be
 import digits_ablation as abl  # noqa: E402
 
 import fxprune  # noqa: E402
-from fxprune.digits import accuracy, batches, load_digits_split  # noqa: E402
+from fxprune.amap.search import evaluate  # noqa: E402
+from fxprune.app.digits import accuracy, batches, load_digits_split  # noqa: E402
 from fxprune.passes.token_channel_selection import TokenChannelSelection  # noqa: E402
-from fxprune.search import evaluate  # noqa: E402
 
 VARIANTS = ["amap", "toast", "toast-whole-heads", "toast+tcs"]
 DENSE_EPOCHS, EPOCHS = 100, 30            # digits_ablation.py's defaults

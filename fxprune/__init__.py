@@ -11,7 +11,7 @@ Example:
     [3, 3]
 """
 
-from .errors import (
+from fxprune.errors import (
     AnalysisError,
     FxPruneError,
     InputError,
@@ -20,7 +20,7 @@ from .errors import (
     SliceError,
     TraceError,
 )
-from .tracing import trace
+from fxprune.tracing import trace
 
 __all__ = [
     "AnalysisError", "FxPruneError", "InputError", "PassOrderError", "PlanError", "SliceError",
@@ -30,15 +30,15 @@ __all__ = [
 
 def __getattr__(name):  # lazy: keep `import fxprune` cheap and free of import cycles
     if name == "analyze":
-        from .analysis import analyze
+        from fxprune.analysis.engine import analyze
         return analyze
     if name == "count_macs":
-        from .macs import count_macs
+        from fxprune.macs import count_macs
         return count_macs
     if name == "prune":
-        from .oneshot import prune
+        from fxprune.planning.oneshot import prune
         return prune
     if name == "Analysis":
-        from .analysis import Analysis
+        from fxprune.analysis.engine import Analysis
         return Analysis
     raise AttributeError(name)

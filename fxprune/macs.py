@@ -28,8 +28,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError
-from .tracing import trace
+from fxprune.errors import InputError
+from fxprune.tracing import trace
 
 WHERE = "fxprune.count_macs"
 

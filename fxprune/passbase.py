@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 import torch.fx
 
-from .errors import FxPruneError, PassOrderError
+from fxprune.errors import FxPruneError, PassOrderError
 
 #: node.meta keys written by fxprune all start with this prefix.
 META_PREFIX = "fxprune."

@@ -20,7 +20,7 @@ import torch
 import torch.fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from .errors import InputError, TraceError
+from fxprune.errors import InputError, TraceError
 
 WHERE = "fxprune.trace"
 #: ``gm.meta`` key: how :func:`propagate_shapes` last got the graph's values ("meta": meta

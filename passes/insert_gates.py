@@ -29,9 +29,9 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxprune.analysis import get_analysis
+from fxprune.amap.gates import ChannelGate, GateValues
+from fxprune.analysis.engine import get_analysis
 from fxprune.errors import PassOrderError
-from fxprune.gates import ChannelGate, GateValues
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
 
 GATES_KEY = "fxprune.gates"

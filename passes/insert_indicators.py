@@ -2,7 +2,7 @@
 
 Like ``insert-gates`` (same places: where a group's channels are contracted away, so masking
 equals removal), but the gate value is the indicator's straight-through binary keep mask
-(:mod:`fxprune.indicators`), trained by :func:`fxprune.search.search`. Q and K share one
+(:mod:`fxprune.amap.indicators`), trained by :func:`fxprune.amap.search.search`. Q and K share one
 indicator (they form one group), V has its own, each MLP hidden layer its own.
 
 Graph before and after (one attention site, SDPA)::
@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxprune.analysis import get_analysis
+from fxprune.amap.indicators import Indicator, IndicatorGate
+from fxprune.analysis.engine import get_analysis
 from fxprune.errors import PassOrderError
-from fxprune.indicators import Indicator, IndicatorGate
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
 
 from .insert_gates import gate_sinks
@@ -57,7 +57,7 @@ class InsertIndicators(FxPass):
                                  hint="run insert-indicators once per graph")
 
     def run(self, gm: torch.fx.GraphModule) -> PassResult:
-        from fxprune.oneshot import _units
+        from fxprune.planning.oneshot import _units
 
         out = gm if self.options.inplace else copy_graph_module(gm)
         analysis = get_analysis(out, self.name)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxprune.analysis import ANALYSIS_KEY, get_analysis
+from fxprune.analysis.engine import ANALYSIS_KEY, get_analysis
 from fxprune.errors import InputError, PlanError, SliceError
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
 from fxprune.slicing import apply_slice

@@ -31,8 +31,8 @@ import operator
 import torch
 import torch.fx
 
-from fxprune.layout import reshape_groups
-from fxprune.oprules import op_name
+from fxprune.analysis.layout import reshape_groups
+from fxprune.analysis.rules.core import op_name
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
 from fxprune.tracing import SHAPE_PROP_KEY, example_zeros, propagate_shapes
 

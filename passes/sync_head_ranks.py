@@ -98,8 +98,8 @@ class SyncHeadRanks(FxPass):
                                  hint="run insert-gates (fxprune.passes.insert_gates) first")
 
     def run(self, gm: torch.fx.GraphModule) -> PassResult:
-        from fxprune.analysis import get_analysis
-        from fxprune.oneshot import _units
+        from fxprune.analysis.engine import get_analysis
+        from fxprune.planning.oneshot import _units
 
         analysis = get_analysis(gm, self.name)
         changes = []

@@ -39,9 +39,9 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from fxprune.analysis import get_analysis
+from fxprune.analysis.engine import get_analysis
+from fxprune.analysis.rules.core import ACT_MODULES, POINTWISE, op_name
 from fxprune.errors import PlanError
-from fxprune.oprules import ACT_MODULES, POINTWISE, op_name
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
 
 _DROPOUT = (nn.Dropout, nn.Identity)

@@ -6,7 +6,7 @@ Run by ``tests/test_search.py::test_ddp_two_ranks_end_with_identical_masks``::
         tests/ddp_search_worker.py OUTDIR
 
 Every rank builds the same tiny ViT (same seed) and the same small random dataset, takes its
-own shard of it (rank r gets samples r, r + world, ...), runs ``fxprune.search.search`` for a
+own shard of it (rank r gets samples r, r + world, ...), runs ``fxprune.amap.search.search`` for a
 few steps (``search`` wraps the gated model in DistributedDataParallel because the process
 group is initialised) and saves ``OUTDIR/rank{r}.pt`` with the final masks, the final
 indicator values and a few facts about the run.
@@ -27,9 +27,9 @@ def main(outdir: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
 
+    from fxprune.amap.search import search
     from fxprune.models.reference import tiny_vit
     from fxprune.passes.insert_indicators import indicator_modules
-    from fxprune.search import search
 
     gen = torch.Generator().manual_seed(123)  # the same data on every rank ...
     x = torch.randn(32, 3, 32, 32, generator=gen)

@@ -28,7 +28,7 @@ import torch.fx
 from torch import nn
 
 import fxprune
-from fxprune.analysis import Analysis, analyze
+from fxprune.analysis.engine import Analysis, analyze
 from fxprune.errors import InputError, TraceError
 from zoo import ZOO
 

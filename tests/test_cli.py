@@ -10,14 +10,14 @@ import pytest
 import torch
 
 import fxprune
-from fxprune.cli import main
+from fxprune.app.cli import main
+from fxprune.app.models_registry import load_model, parse_spec
 from fxprune.errors import InputError
 from fxprune.models.reference import tiny_vit
-from fxprune.models_registry import load_model, parse_spec
 
 REPO = Path(__file__).resolve().parent.parent
 HAS_PRUNE = any(importlib.util.find_spec(m) is not None
-                for m in ("fxprune.oneshot", "fxprune.prune"))
+                for m in ("fxprune.planning.oneshot", "fxprune.prune"))
 
 FACTORY_FILE = '''
 import torch

@@ -48,7 +48,7 @@ def test_digits_ablation_quick(tmp_path, one_thread, capsys):
 
 
 def test_amap_demo_tiny(tmp_path, one_thread):
-    from fxprune.amap_demo import main
+    from fxprune.app.amap_demo import main
 
     r = main(out_dir=str(tmp_path), seed=0, dense_epochs=2, epochs=3, rounds=3, verbose=False)
     png = tmp_path / "kept_channels.png"

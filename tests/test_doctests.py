@@ -18,9 +18,10 @@ def _modules() -> list[str]:
     names = []
     for pkg in PACKAGES:
         names.append(pkg)
-        for info in pkgutil.iter_modules(importlib.import_module(pkg).__path__):
-            if info.name != "__main__":  # importing it runs the command line
-                names.append(f"{pkg}.{info.name}")
+        package = importlib.import_module(pkg)
+        for info in pkgutil.walk_packages(package.__path__, prefix=f"{pkg}."):
+            if not info.name.endswith("__main__"):  # importing it runs the command line
+                names.append(info.name)
     return sorted(names)
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxprune
+from fxprune.app.models_registry import load_model
 from fxprune.models.flatten import (
     FLattenSwin,
     FocusedLinearAttention,
@@ -29,7 +30,6 @@ from fxprune.models.flatten import (
     flatten_swin_small,
     flatten_swin_tiny,
 )
-from fxprune.models_registry import load_model
 
 # name: (factory, params (M), GMACs at 224px), as reported for FLatten-Swin T / S / B
 PUBLISHED = {

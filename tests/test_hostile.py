@@ -24,8 +24,8 @@ from torch.utils._pytree import tree_flatten
 import fxprune
 from exactness import outputs, rel_err, zeroed_original
 from fxprune.errors import FxPruneError, InputError, PlanError, TraceError
-from fxprune.oneshot import plan as make_plan
 from fxprune.passes.slice import Slice
+from fxprune.planning.oneshot import plan as make_plan
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -20,13 +20,13 @@ from torch import nn
 
 import fxprune
 from exactness import gated_and_sliced, outputs, rel_err
-from fxprune.linear_init import channel_distance, linear_attention_scores
-from fxprune.macs_model import MacsModel
+from fxprune.amap.linear_init import channel_distance, linear_attention_scores
+from fxprune.amap.macs_model import MacsModel
+from fxprune.amap.search import search
 from fxprune.models.flatten import flatten_swin_nano
 from fxprune.passes.insert_gates import InsertGates
 from fxprune.passes.slice import Slice
 from fxprune.pipeline import prepare
-from fxprune.search import search
 from fxprune.slicing import label_keep, param_masks
 from zoo import ZOO
 
@@ -147,7 +147,7 @@ def test_flatten_nano_prune_and_macs_model():
     assert any(r.get("kind") == "linear" and r["qk_dim_after"] < r["qk_dim"] for r in summary)
     gm, a = _prepared(model, x)
     masks = _random_masks(a, np.random.default_rng(5))
-    from fxprune.oneshot import _units
+    from fxprune.planning.oneshot import _units
 
     keep = {}
     for gi, mask in masks.items():
@@ -280,7 +280,7 @@ def test_linear_init_scores_in_unit_interval_and_search_keeps_everything_at_star
 def test_search_and_refine_on_the_hybrid():
     """AMAP on FLatten-Swin nano: linear and window sites searched together (linear q/k
     indicators start from eq. 5-6), then sliced and refined with reweight modules."""
-    from fxprune.search import refine
+    from fxprune.amap.search import refine
 
     model, _ = _nano()
     gen = torch.Generator().manual_seed(0)

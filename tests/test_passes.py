@@ -27,8 +27,8 @@ from torch import nn
 
 import fxprune
 from exactness import gated_and_sliced, outputs, zeroed_original
+from fxprune.amap.gates import ChannelGate
 from fxprune.errors import PassOrderError, PlanError, SliceError
-from fxprune.gates import ChannelGate
 from fxprune.models.reference import tiny_vit
 from fxprune.passes.insert_gates import GATES_KEY, InsertGates, gate_modules
 from fxprune.passes.slice import PLAN_KEY, Slice

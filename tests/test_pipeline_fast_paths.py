@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fxprune
-import fxprune.criteria as criteria
+import fxprune.planning.criteria as criteria
 import fxprune.tracing as tracing
 from fxprune.models.reference import tiny_vit
 from fxprune.passbase import FxPass, PassResult
@@ -201,7 +201,7 @@ def test_prune_result_owns_its_tensors_and_leaves_the_model_untouched(criterion)
 
 
 def test_plan_still_returns_a_graph_that_owns_its_parameters():
-    from fxprune.oneshot import plan
+    from fxprune.planning.oneshot import plan
 
     model, x = tiny_vit(), torch.randn(1, 3, 32, 32)
     p = plan(model, x, macs_ratio=0.6, align=4)

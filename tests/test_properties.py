@@ -35,9 +35,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fxprune
 from exactness import gated_and_sliced, outputs, rel_err, zeroed_original
-from fxprune.criteria import CRITERIA
 from fxprune.errors import FxPruneError, PlanError
-from fxprune.oneshot import plan as make_plan
+from fxprune.planning.criteria import CRITERIA
+from fxprune.planning.oneshot import plan as make_plan
 
 
 def _known_issue(b: BlockSpec) -> set[str]:

@@ -12,7 +12,7 @@ import torch
 import fxprune
 from exactness import gated_and_sliced, outputs, rel_err, zeroed_original
 from fxprune.errors import InputError, PlanError
-from fxprune.oneshot import plan as make_plan
+from fxprune.planning.oneshot import plan as make_plan
 from fxprune.slicing import label_keep
 from zoo import ZOO
 

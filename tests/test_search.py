@@ -18,11 +18,11 @@ import torch
 import torch.nn as nn
 
 import fxprune
+from fxprune.amap.indicators import Indicator
+from fxprune.amap.macs_model import MacsModel
+from fxprune.amap.search import SearchConfig, refine, refresh_similarity, search
 from fxprune.errors import InputError, PlanError
-from fxprune.indicators import Indicator
-from fxprune.macs_model import MacsModel
 from fxprune.models.reference import tiny_vit
-from fxprune.oneshot import _own_copy, _units
 from fxprune.passes.insert_indicators import (
     InsertIndicators,
     indicator_modules,
@@ -31,7 +31,7 @@ from fxprune.passes.insert_indicators import (
 from fxprune.passes.reweight import Reweight
 from fxprune.passes.slice import Slice
 from fxprune.pipeline import prepare
-from fxprune.search import SearchConfig, refine, refresh_similarity, search
+from fxprune.planning.oneshot import _own_copy, _units
 from zoo import ZOO
 
 torch.set_num_threads(1)
@@ -247,7 +247,7 @@ def _hand_weight(features: np.ndarray) -> np.ndarray:
 
 def _similarity_check(fused: bool, kind: str):
     """refresh_similarity against numpy, every head of the group of ``kind``. A channel's
-    feature vector is the concatenation of its tied parameter entries (fxprune.criteria):
+    feature vector is the concatenation of its tied parameter entries (fxprune.planning.criteria):
     q row + k row for a q/k channel, v row + out-projection column for a v channel."""
     model = _Attention(fused)
     C, D = model.C, model.D

@@ -3,7 +3,7 @@
 A group's MACs are affine in how many of its units it keeps (a unit is a channel of a head,
 or a channel shared by all heads): every unit removed saves the same multiply-accumulates in
 the projections that produce and consume it and in the attention products that contract it.
-The per-unit saving is measured once on the graph (:class:`fxprune.oneshot._CostModel`), so
+The per-unit saving is measured once on the graph (:class:`fxprune.planning.oneshot._CostModel`), so
 
     MACs(keep) = dense - sum_g saving_g * (removed units of g) / heads_g
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from .macs import count_macs
+from fxprune.macs import count_macs
 
 
 class MacsModel(torch.nn.Module):
@@ -38,7 +38,7 @@ class MacsModel(torch.nn.Module):
 
     def __init__(self, gm: torch.fx.GraphModule, analysis, groups=None):
         super().__init__()
-        from .oneshot import _CostModel, _units
+        from fxprune.planning.oneshot import _CostModel, _units
 
         self.dense = float(count_macs(gm))
         cost = _CostModel(gm, analysis)
@@ -98,7 +98,7 @@ def _product_macs(node, gm) -> float:
     """MACs of the two-operand contraction in ``node``; an einsum's extra operands that only
     scale the result (FLatten's normaliser in 'bic,bcd,bi->bid') are linear in one group and
     already in the affine savings."""
-    from .macs import einsum_macs, node_macs
+    from fxprune.macs import einsum_macs, node_macs
 
     if "einsum" in str(node.target) and len(node.args) > 3:
         eq = node.args[0].replace(" ", "")

@@ -28,12 +28,12 @@ import numpy as np
 import torch
 import torch.fx
 
-from .analysis import analyze
-from .criteria import CRITERIA, channel_scores
-from .errors import InputError, PlanError
-from .macs import count_macs, node_macs
-from .slicing import new_shape
-from .tracing import trace
+from fxprune.analysis.engine import analyze
+from fxprune.errors import InputError, PlanError
+from fxprune.macs import count_macs, node_macs
+from fxprune.planning.criteria import CRITERIA, channel_scores
+from fxprune.slicing import new_shape
+from fxprune.tracing import trace
 
 WHERE = "fxprune.prune"
 
@@ -322,7 +322,7 @@ def _plan(model, example_inputs, macs_ratio, criterion, align, seed, prepare, de
     # fx shares submodules with the model it traced: own them before slicing in place
     gm = _own_copy(gm, share_params=share_params)
     if prepare:
-        from .pipeline import prepare as run_prepare
+        from fxprune.pipeline import prepare as run_prepare
 
         gm, _ = run_prepare(gm)
     analysis = analyze(gm)
@@ -384,7 +384,7 @@ def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simi
         >>> p.meta["fxprune.plan"]["0.weight"][0].numel(), p.meta["fxprune.macs_ratio"]
         (32, 0.5)
     """
-    from .passes.slice import Slice
+    from fxprune.passes.slice import Slice
 
     # the plan's graph shares the model's parameters: copying them all up front would be
     # wasted on the pruned ones, which slicing replaces; the others are copied after it
@@ -411,7 +411,7 @@ def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simi
 def _own_copy(gm, share_params: bool = False):
     """A copy of ``gm`` that owns its modules (fx shares them with the traced model). With
     ``share_params`` the parameters and buffers stay shared (see :func:`_own_tensors`)."""
-    from .passbase import copy_graph_module
+    from fxprune.passbase import copy_graph_module
 
     if not share_params:
         return copy_graph_module(gm)

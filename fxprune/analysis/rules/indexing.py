@@ -1,6 +1,6 @@
 """Op rules that move channels without computing with them: indexing, splitting, joining,
 (un)squeezing, expanding and repeating, and ops that shift positions along a dim (roll, pad,
-flip). Split out of :mod:`fxprune.oprules_attn`, whose ``RULES`` table includes these.
+flip). Split out of :mod:`fxprune.analysis.rules.contraction`, whose ``RULES`` table includes these.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import numpy as np
 import torch
 import torch.fx
 
-from . import layout
-from .labels import Comp
-from .propagate import TV, Propagator, _align, _shape
+from fxprune.analysis import layout
+from fxprune.analysis.labels import Comp
+from fxprune.analysis.propagate import TV, Propagator, _align, _shape
 
 
 def _o():
-    from . import oprules
+    from fxprune.analysis.rules import core as oprules
     return oprules
 
 

@@ -31,9 +31,9 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from .errors import InputError, PlanError
+from fxprune.errors import InputError, PlanError
 
-WHERE = "fxprune.search"
+WHERE = "fxprune.amap.search"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +91,8 @@ def _first_batch(loader, example, where):
 
 def refresh_similarity(gm, analysis, indicators) -> None:
     """Recompute AMAP's similarity weights (eq. 1-2) from the current weights."""
-    from .criteria import _features, _similarity_weight
-    from .oneshot import _units
+    from fxprune.planning.criteria import _features, _similarity_weight
+    from fxprune.planning.oneshot import _units
 
     groups = [analysis.groups[g] for g in indicators]
     blocks = _features(gm, analysis, groups)
@@ -105,12 +105,16 @@ def refresh_similarity(gm, analysis, indicators) -> None:
 def search(model, train_loader, example_inputs, config: SearchConfig | None = None, *,
            eval_loader=None, loss_fn=None, **overrides) -> SearchResult:
     """Train indicators and weights together to ``macs_ratio`` (see the module docstring)."""
-    from .analysis import analyze
-    from .macs_model import MacsModel
-    from .oneshot import _own_copy
-    from .passes.insert_indicators import InsertIndicators, indicator_modules, masks_from_indicators
-    from .pipeline import prepare
-    from .tracing import trace
+    from fxprune.amap.macs_model import MacsModel
+    from fxprune.analysis.engine import analyze
+    from fxprune.passes.insert_indicators import (
+        InsertIndicators,
+        indicator_modules,
+        masks_from_indicators,
+    )
+    from fxprune.pipeline import prepare
+    from fxprune.planning.oneshot import _own_copy
+    from fxprune.tracing import trace
 
     config = dataclasses.replace(config or SearchConfig(), **overrides)
     if not 0.0 < config.macs_ratio <= 1.0:
@@ -213,7 +217,7 @@ def _linear_init_scores(gm, analysis, loader, config):
     """Eq. 5-6 scores of linear-attention q/k groups from the first batches of ``loader``."""
     import itertools
 
-    from .linear_init import linear_attention_scores
+    from fxprune.amap.linear_init import linear_attention_scores
 
     batches = itertools.islice(iter(loader), max(1, config.linear_init_batches))
     scores, skipped = linear_attention_scores(gm, analysis, batches)
@@ -226,9 +230,9 @@ def _start_from_scores(gated, analysis, indicators, scores, config) -> None:
     """``m = (score - 1) * tau / w``: the weighted score ``m*`` of a linear-attention q/k unit
     starts between ``-tau`` (most important) and 0 (least important, where every other
     indicator starts), so every unit is kept and the important ones are the last the MACs loss
-    pushes over tau (see :mod:`fxprune.linear_init`)."""
-    from .linear_init import HEAD_START
-    from .oneshot import _units
+    pushes over tau (see :mod:`fxprune.amap.linear_init`)."""
+    from fxprune.amap.linear_init import HEAD_START
+    from fxprune.planning.oneshot import _units
 
     if config.similarity:
         refresh_similarity(gated, analysis, {g: indicators[g] for g in scores})
@@ -273,10 +277,10 @@ def refine(result: SearchResult, train_loader, epochs: int = 30, *, reweight: bo
     model cannot be sliced and is refined masked, with fixed binary gates.
     Returns ``(model, history)``.
     """
-    from .analysis import analyze
-    from .passes.insert_gates import InsertGates, gate_modules
-    from .passes.reweight import Reweight
-    from .passes.slice import Slice
+    from fxprune.analysis.engine import analyze
+    from fxprune.passes.insert_gates import InsertGates, gate_modules
+    from fxprune.passes.reweight import Reweight
+    from fxprune.passes.slice import Slice
 
     gm = result.graph_module
     try:

@@ -1,10 +1,10 @@
 """Pure label-array transforms for view-like ops: reshape, permute, indexing, splitting.
 
-They move a :class:`~fxprune.labels.Comp` through an op that only rearranges positions.
+They move a :class:`~fxprune.analysis.labels.Comp` through an op that only rearranges positions.
 
 Example:
     >>> import numpy as np
-    >>> from fxprune.labels import Comp
+    >>> from fxprune.analysis.labels import Comp
     >>> c = Comp(np.arange(6).reshape(1, 6), (1,))
     >>> out, mixed = reshape_comp(c, (2, 6), (2, 2, 3))
     >>> out.span, out.lab.shape, mixed
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .labels import Comp
+from fxprune.analysis.labels import Comp
 
 
 def reshape_groups(in_shape, out_shape) -> list[tuple[list[int], list[int]]]:

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InputError
+from fxprune.errors import InputError
 
 WHERE = "fxprune.load_model"
 PREFIXES = ("timm", "torchvision", "fxprune")
@@ -158,7 +158,7 @@ def _suggest(name: str, names: Sequence[str], n: int = 5) -> list[str]:
 
 def _bare_name_guess(name: str) -> str | None:
     """For a spec without a prefix, say which prefixed spec exists (cheap checks only)."""
-    from .models import reference
+    from fxprune.models import reference
 
     if callable(getattr(reference, name, None)) and name in reference.__all__:
         return f"fxprune:{name}"

@@ -1,5 +1,5 @@
 """Op rules for contractions (Linear, matmul, einsum, SDPA, conv), normalisations and
-``torch.nn`` modules; indexing, splitting and joining are in :mod:`fxprune.oprules_index`.
+``torch.nn`` modules; indexing, splitting and joining are in :mod:`fxprune.analysis.rules.indexing`.
 Attention sites are recorded here, found by what the ops do: a contraction of two activations
 over channel dims is a q.k product; a contraction over a plain (token) dim that carries
 channels of its second operand is the attention-times-value product.
@@ -14,13 +14,13 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from .labels import Comp
-from .oprules_index import INDEX_RULES, _along_dims
-from .propagate import LETTERS, TV, Propagator, RawSite, _shape
+from fxprune.analysis.labels import Comp
+from fxprune.analysis.propagate import LETTERS, TV, Propagator, RawSite, _shape
+from fxprune.analysis.rules.indexing import INDEX_RULES, _along_dims
 
 
 def _o():
-    from . import oprules
+    from fxprune.analysis.rules import core as oprules
     return oprules
 
 

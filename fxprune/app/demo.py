@@ -4,7 +4,7 @@ Part 1: traces timm DeiT-S (random weights: nothing is downloaded), prints its a
 prunes it one-shot to 70% of its MACs, prints the per-layer table, checks the pruned model
 against the zeroed original (DESIGN.md section 3) and measures the CPU speed-up.
 
-Part 2 (:mod:`fxprune.amap_demo`): the AMAP job on real data: a small ViT trained on
+Part 2 (:mod:`fxprune.app.amap_demo`): the AMAP job on real data: a small ViT trained on
 scikit-learn's digits, searched to 50% MACs, refined and sliced, with accuracy, MACs, kept
 channels per layer and head (plot) and speed before and after.
 
@@ -40,7 +40,7 @@ def main(model_name: str = "deit_small_patch16_224", macs_ratio: float = 0.7,
     import timm
 
     import fxprune
-    from fxprune.report import prune_table
+    from fxprune.app.report import prune_table
 
     torch.manual_seed(0)
     model = timm.create_model(model_name, pretrained=False).eval()
@@ -83,7 +83,7 @@ def main(model_name: str = "deit_small_patch16_224", macs_ratio: float = 0.7,
         json.dump(result, f, indent=1)
     print(f"saved {out_dir}/pruned.pt (torch.load(..., weights_only=False)) and result.json")
     if amap:
-        from . import amap_demo
+        from fxprune.app import amap_demo
 
         print("\n== AMAP search + refine on scikit-learn digits ==\n")
         result["amap"] = amap_demo.main(out_dir=out_dir)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .gates import batch_period, fit_index
+from fxprune.amap.gates import batch_period, fit_index
 
 
 class Indicator(nn.Module):

@@ -8,7 +8,7 @@ Subcommands::
     fxprune demo
     fxprune bench   [--models NAME ...] [--out FILE] [--repeats 5] [--threads 2]
 
-``MODEL`` is a spec read by :func:`fxprune.models_registry.load_model`: ``timm:<name>``,
+``MODEL`` is a spec read by :func:`fxprune.app.models_registry.load_model`: ``timm:<name>``,
 ``torchvision:<name>``, ``fxprune:<factory>`` or ``path/to/file.py:<factory>``.
 
 Errors fxprune raises on purpose (:class:`fxprune.errors.FxPruneError`) are printed as one
@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from .errors import FxPruneError, InputError
+from fxprune.errors import FxPruneError, InputError
 
 PROG = "fxprune"
 PLAN_KEY = "fxprune.plan"
@@ -103,7 +103,7 @@ def prepare_graph(gm: torch.fx.GraphModule
     """
     if not _module_exists("fxprune.pipeline"):
         return gm, None
-    from .pipeline import prepare
+    from fxprune.pipeline import prepare
 
     result = prepare(gm)
     if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0],
@@ -122,7 +122,7 @@ def prepare_graph(gm: torch.fx.GraphModule
 
 
 def _load(args) -> tuple[torch.nn.Module, Any]:
-    from .models_registry import load_model
+    from fxprune.app.models_registry import load_model
 
     return load_model(args.model, input_size=args.input_size)
 
@@ -203,7 +203,7 @@ def _plan_rows(model: torch.nn.Module, plan: dict) -> list[dict]:
 
 
 def _plan_table(rows: list[dict]) -> str:
-    from .report import format_table
+    from fxprune.app.report import format_table
 
     if not rows:
         return "plan: nothing pruned"
@@ -215,7 +215,7 @@ def _plan_table(rows: list[dict]) -> str:
 
 def _summary_table(summary: list[dict]) -> str:
     """Widths before -> after per attention site and MLP (``pruned.meta["fxprune.summary"]``)."""
-    from .report import format_table
+    from fxprune.app.report import format_table
 
     rows = []
     for r in summary:
@@ -231,7 +231,7 @@ def _summary_table(summary: list[dict]) -> str:
 
 
 def _result_table(model: torch.nn.Module, pruned: torch.nn.Module, rows: list[dict]) -> str:
-    from . import report
+    from fxprune.app import report
 
     if hasattr(report, "prune_table"):
         return report.prune_table(pruned)
@@ -309,8 +309,7 @@ def cmd_prune(args) -> int:
 
 def _fallback_demo() -> int:
     import fxprune
-
-    from .models_registry import load_model
+    from fxprune.app.models_registry import load_model
 
     spec = "timm:deit_small_patch16_224"
     print(f"fxprune demo: {spec} (random weights), one (1, 3, 224, 224) input\n")
@@ -335,8 +334,8 @@ def _fallback_demo() -> int:
 
 
 def cmd_demo(args) -> int:
-    if _module_exists("fxprune.demo"):
-        from .demo import main as demo_main
+    if _module_exists("fxprune.app.demo"):
+        from fxprune.app.demo import main as demo_main
 
         given = {"model_name": args.model, "macs_ratio": args.macs_ratio, "out_dir": args.out}
         params = inspect.signature(demo_main).parameters

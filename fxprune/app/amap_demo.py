@@ -1,9 +1,9 @@
 """AMAP end to end on real data: scikit-learn's 8x8 digits (no download), in about a minute.
 
 Trains the reference ``digits_vit`` (4 blocks, 4 heads of 16 channels, MLP 128) from scratch,
-runs the AMAP search (:func:`fxprune.search.search`: similarity-weighted indicators, head
+runs the AMAP search (:func:`fxprune.amap.search.search`: similarity-weighted indicators, head
 synchronisation, MACs loss) to ``macs_ratio`` of the dense MACs, refines (slice with the learned
-masks, reweight modules on the queries, retrain: :func:`fxprune.search.refine`), then prints:
+masks, reweight modules on the queries, retrain: :func:`fxprune.amap.search.refine`), then prints:
 
 * test accuracy and MACs (``fxprune.count_macs``) before and after;
 * the kept channels per layer: Q/K and V dims per head, MLP hidden width;
@@ -21,11 +21,11 @@ like the paper's Figure 5), ``amap_pruned.pt`` (the pruned GraphModule;
 
 Usage::
 
-    python -m fxprune.amap_demo [--out runs/demo] [--seed 0]
+    python -m fxprune.app.amap_demo [--out runs/demo] [--seed 0]
 
 Example (seconds; tiny schedule, the accuracies mean nothing)::
 
-    >>> from fxprune.amap_demo import main
+    >>> from fxprune.app.amap_demo import main
     >>> r = main(out_dir="/tmp/amap_demo", dense_epochs=2, epochs=3, rounds=3,
     ...          verbose=False)  # doctest: +SKIP
     >>> sorted(r)[:3]  # doctest: +SKIP
@@ -85,7 +85,7 @@ def kept_channels(result) -> list[dict]:
 
 
 def format_kept(rows: list[dict]) -> str:
-    from .report import format_table
+    from fxprune.app.report import format_table
 
     table = []
     for r in rows:
@@ -167,11 +167,11 @@ def main(out_dir: str = "runs/demo", seed: int = 0, *, dense_epochs: int = 40,
 
 
 def _run(out_dir, seed, dense_epochs, epochs, macs_ratio, rounds, verbose) -> dict:
-    from . import count_macs
-    from .digits import accuracy, load_digits_split, train
-    from .models.reference import digits_vit
-    from .report import format_macs
-    from .search import refine, search
+    from fxprune import count_macs
+    from fxprune.amap.search import refine, search
+    from fxprune.app.digits import accuracy, load_digits_split, train
+    from fxprune.app.report import format_macs
+    from fxprune.models.reference import digits_vit
 
     say = print if verbose else (lambda *a, **k: None)
     t_all = time.perf_counter()
@@ -205,7 +205,7 @@ def _run(out_dir, seed, dense_epochs, epochs, macs_ratio, rounds, verbose) -> di
                            "head synchronisation, so this is a bug)")
     acc_after = accuracy(pruned, data)
     pruned_macs = count_macs(pruned, x1)   # reweight modules included
-    from .passes.reweight import ReweightModule
+    from fxprune.passes.reweight import ReweightModule
     rw_macs = sum(m.fc.in_features * m.fc.out_features for m in pruned.modules()
                   if isinstance(m, ReweightModule))
     say(f"refine:  {epochs} epochs in {t_refine:.1f} s (sliced, reweight modules on the queries)")
@@ -250,7 +250,7 @@ def _run(out_dir, seed, dense_epochs, epochs, macs_ratio, rounds, verbose) -> di
 def _cli(argv=None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m fxprune.amap_demo", description=__doc__.split(
+    p = argparse.ArgumentParser(prog="python -m fxprune.app.amap_demo", description=__doc__.split(
         "\n")[0])
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seed", type=int, default=0)

@@ -1,11 +1,11 @@
 """Channel propagation: walks the graph once and relates the channel labels of every tensor.
 
 Each tensor value becomes a :class:`TV` (its comps, whether it is derived from parameters only,
-and which parameter it is when it is one). The per-op rules live in :mod:`fxprune.oprules`;
+and which parameter it is when it is one). The per-op rules live in :mod:`fxprune.analysis.rules.core`;
 this module holds the state and the three generic mechanisms every rule is built from:
 :meth:`Propagator.pointwise` (broadcasting elementwise ops), :meth:`Propagator.contract`
 (einsum-shaped contractions: Linear, matmul, SDPA, einsum) and the view-like moves of
-:mod:`fxprune.layout`.
+:mod:`fxprune.analysis.layout`.
 
 Example:
     >>> import torch, fxprune
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.fx
 
-from .labels import Comp, LabelStore
-from .values import (  # noqa: F401  (re-exported: the op rules import them from here)
+from fxprune.analysis.labels import Comp, LabelStore
+from fxprune.analysis.values import (  # noqa: F401  (re-exported: the op rules import them from here)
     TV,
     RawSite,
     Sink,
@@ -97,7 +97,7 @@ class Propagator:
 
     # -- driver ---------------------------------------------------------------------------
     def run(self) -> Propagator:
-        from .oprules import apply_rule
+        from fxprune.analysis.rules.core import apply_rule
 
         for node in self.gm.graph.nodes:
             self.current = node

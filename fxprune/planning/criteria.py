@@ -26,8 +26,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import InputError
-from .propagate import _fetch_attr
+from fxprune.analysis.propagate import _fetch_attr
+from fxprune.errors import InputError
 
 CRITERIA = ("similarity", "l1", "random", "toast")
 SKETCH_DIM = 256

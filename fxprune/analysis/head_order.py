@@ -37,7 +37,7 @@ import scipy.sparse
 import scipy.sparse.csgraph
 import torch.fx
 
-from .labels import Components, LabelStore
+from fxprune.analysis.labels import Components, LabelStore
 
 
 def tie_interleaved_heads(gm: torch.fx.GraphModule, store: LabelStore, comps: Components,

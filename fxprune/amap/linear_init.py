@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from .gates import batch_period
+from fxprune.amap.gates import batch_period
 
 HEAD_START = 1.0  # in units of tau: how far below 0 the most important channel starts
 

@@ -1,6 +1,6 @@
 """``fxprune.analyze``: attention sites and channel groups of a traced graph (read-only).
 
-The analysis propagates channel labels through the graph (:mod:`fxprune.propagate`), solves
+The analysis propagates channel labels through the graph (:mod:`fxprune.analysis.propagate`), solves
 the couplings, and groups coupled channels by where they are contracted: q.k products give
 ``qk`` groups, channels carried through attention-times-value give ``v`` groups, channels
 produced by one Linear and consumed by another give ``mlp`` groups, and the residual stream
@@ -27,12 +27,12 @@ import numpy as np
 import torch
 import torch.fx
 
-from .errors import InputError
-from .head_order import resolve_subset_params, tie_interleaved_heads
-from .labels import Components
-from .oprules import op_name
-from .passbase import require_meta
-from .propagate import Propagator, RawSite, Sink
+from fxprune.analysis.head_order import resolve_subset_params, tie_interleaved_heads
+from fxprune.analysis.labels import Components
+from fxprune.analysis.propagate import Propagator, RawSite, Sink
+from fxprune.analysis.rules.core import op_name
+from fxprune.errors import InputError
+from fxprune.passbase import require_meta
 
 ANALYSIS_KEY = "fxprune.analysis"
 
@@ -102,7 +102,7 @@ class Analysis:
     param_aliases: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     def __str__(self) -> str:
-        from .report import analysis_table
+        from fxprune.app.report import analysis_table
 
         return analysis_table(self)
 

@@ -1,11 +1,11 @@
 """The values channel propagation works on: :class:`TV` (the channel view of one tensor),
 :class:`Sink` (where channels are contracted away), :class:`RawSite` (an attention site as
-found), and small helpers over them. Split out of :mod:`fxprune.propagate`, which re-exports
+found), and small helpers over them. Split out of :mod:`fxprune.analysis.propagate`, which re-exports
 them.
 
 Example:
     >>> import numpy as np
-    >>> from fxprune.labels import Comp
+    >>> from fxprune.analysis.labels import Comp
     >>> tv = TV([Comp(np.arange(4).reshape(1, 4), (1,))], (2, 4))
     >>> _align(tv, 3).shape, _align(tv, 3).comps[0].span
     ((1, 2, 4), (2,))
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from .labels import Comp
+from fxprune.analysis.labels import Comp
 
 
 class TV:

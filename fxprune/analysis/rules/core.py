@@ -20,9 +20,18 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from . import layout
-from .labels import Comp
-from .propagate import LETTERS, TV, Propagator, RawSite, Sink, _align, _fetch_attr, _shape
+from fxprune.analysis import layout
+from fxprune.analysis.labels import Comp
+from fxprune.analysis.propagate import (
+    LETTERS,
+    TV,
+    Propagator,
+    RawSite,
+    Sink,
+    _align,
+    _fetch_attr,
+    _shape,
+)
 
 POINTWISE = {
     "add", "sub", "rsub", "mul", "div", "truediv", "floordiv", "pow", "neg", "exp", "log",
@@ -447,6 +456,6 @@ class _KernelView(TV):
         self.full_shape = shape
 
 
-from .oprules_attn import RULES, _module_rule  # noqa: E402  (rules table needs helpers above)
+from fxprune.analysis.rules.contraction import RULES, _module_rule  # noqa: E402  (rules table needs helpers above)
 
 __all__ = ["apply_rule", "op_name", "RULES", "_module_rule", "RawSite", "np", "operator"]

@@ -69,6 +69,6 @@ def train(model: nn.Module, data: DigitsSplit, epochs: int = 30, lr: float = 2e-
 
 
 def accuracy(model, data: DigitsSplit) -> float:
-    from .search import evaluate
+    from fxprune.amap.search import evaluate
 
     return evaluate(model, data.test_loader())

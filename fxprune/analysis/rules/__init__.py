@@ -1,0 +1,1 @@
+"""Channel rules: how each op moves, couples, contracts or freezes channel labels."""
