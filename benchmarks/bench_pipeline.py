@@ -9,7 +9,8 @@ Two figures, each the median of ``--repeats`` (default 3) runs after one untimed
   two calls followed by ``fxprune.prune(model, x, macs_ratio=0.7)`` (which runs its own trace,
   preparation passes and analysis, then scores, allocates and slices); target < 3 s.
 
-Stage times are reported too (trace, analyze, the preparation passes, ``fxprune.planning.oneshot.plan``
+Stage times are reported too (trace, analyze, the preparation passes,
+``fxprune.planning.oneshot.plan``
 and the whole of ``prune``) so a missed target points at its stage. When ``torch_pruning`` is
 importable, ``torch_pruning.DependencyGraph().build_dependency(model, example_inputs=x)`` on the
 ViT-L model is timed in the same run, the same way.

@@ -1,7 +1,8 @@
 """Channel propagation: walks the graph once and relates the channel labels of every tensor.
 
 Each tensor value becomes a :class:`TV` (its comps, whether it is derived from parameters only,
-and which parameter it is when it is one). The per-op rules live in :mod:`fxprune.analysis.rules.core`;
+and which parameter it is when it is one). The per-op rules live in
+:mod:`fxprune.analysis.rules`;
 this module holds the state and the three generic mechanisms every rule is built from:
 :meth:`Propagator.pointwise` (broadcasting elementwise ops), :meth:`Propagator.contract`
 (einsum-shaped contractions: Linear, matmul, SDPA, einsum) and the view-like moves of

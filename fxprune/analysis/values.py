@@ -1,6 +1,7 @@
 """The values channel propagation works on: :class:`TV` (the channel view of one tensor),
 :class:`Sink` (where channels are contracted away), :class:`RawSite` (an attention site as
-found), and small helpers over them. Split out of :mod:`fxprune.analysis.propagate`, which re-exports
+found), and small helpers over them. Split out of
+:mod:`fxprune.analysis.propagate`, which re-exports
 them.
 
 Example:
