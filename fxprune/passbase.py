@@ -25,9 +25,7 @@ import torch
 import torch.fx
 
 from fxprune.errors import FxPruneError, PassOrderError
-
-#: node.meta keys written by fxprune all start with this prefix.
-META_PREFIX = "fxprune."
+from fxprune.meta import ANALYSIS_KEY
 
 
 @dataclasses.dataclass
@@ -121,14 +119,14 @@ def copy_graph_module(gm: torch.fx.GraphModule, memo: dict | None = None
 
     # the analysis holds nodes of this graph: deep-copying it would walk the whole node list
     # recursively. Passes look nodes up by name, so the copy shares the (read-only) analysis.
-    analysis = gm.meta.pop("fxprune.analysis", None)
+    analysis = gm.meta.pop(ANALYSIS_KEY, None)
     try:
         new = copy.deepcopy(gm, memo)
     finally:
         if analysis is not None:
-            gm.meta["fxprune.analysis"] = analysis
+            gm.meta[ANALYSIS_KEY] = analysis
     if analysis is not None:
-        new.meta["fxprune.analysis"] = analysis
+        new.meta[ANALYSIS_KEY] = analysis
     return new
 
 

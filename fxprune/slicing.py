@@ -22,6 +22,7 @@ import torch.fx
 import torch.nn as nn
 
 from fxprune.errors import PlanError, SliceError
+from fxprune.meta import COMPS_KEY, SHAPE_KEY
 
 
 def label_keep(analysis, keep: dict[int, np.ndarray]) -> np.ndarray:
@@ -114,8 +115,8 @@ def comp_mask(lab_keep: np.ndarray, comps_meta, ndim: int) -> np.ndarray | None:
 
 def new_shape(node: torch.fx.Node, lab_keep: np.ndarray, meta=None, shape=None):
     """Shape of ``node``'s tensor after slicing (None when unchanged)."""
-    meta = node.meta.get("fxprune.comps") if meta is None else meta
-    shape = node.meta.get("fxprune.shape") if shape is None else shape
+    meta = node.meta.get(COMPS_KEY) if meta is None else meta
+    shape = node.meta.get(SHAPE_KEY) if shape is None else shape
     if not isinstance(meta, list) or not meta or shape is None:
         return None
     if not all(isinstance(e, tuple) for e in meta):
@@ -218,7 +219,7 @@ def rewrite_constants(gm: torch.fx.GraphModule, analysis, lab_keep: np.ndarray,
         if "scale" in node.kwargs or len(node.args) > 6:
             continue
         q = node.args[0] if node.args else node.kwargs.get("query")
-        q_old = q.meta.get("fxprune.shape") if isinstance(q, torch.fx.Node) else None
+        q_old = q.meta.get(SHAPE_KEY) if isinstance(q, torch.fx.Node) else None
         q_new = new_shape(q, lab_keep) if q_old else None
         if q_new is not None and q_new[-1] != q_old[-1]:
             scale = 1.0 / math.sqrt(q_old[-1])
@@ -231,7 +232,7 @@ def _rewrite_shape_args(node, name, lab_keep, changes) -> None:
     shape_new = new_shape(node, lab_keep)
     if shape_new is None:
         return
-    old = node.meta["fxprune.shape"]
+    old = node.meta[SHAPE_KEY]
     if name == "unflatten":
         dim = node.args[1]
         sizes = list(node.args[2])
@@ -278,8 +279,8 @@ def _rewrite_shape_args(node, name, lab_keep, changes) -> None:
 
 def _input_mask_along(node, lab_keep, dim):
     src = node.args[0]
-    meta = src.meta.get("fxprune.comps")
-    shape = src.meta.get("fxprune.shape")
+    meta = src.meta.get(COMPS_KEY)
+    shape = src.meta.get(SHAPE_KEY)
     if not isinstance(meta, list) or shape is None or not all(isinstance(e, tuple) for e in meta):
         return None
     mask = comp_mask(lab_keep, meta, len(shape))
@@ -290,7 +291,7 @@ def _input_mask_along(node, lab_keep, dim):
 
 
 def _rewrite_split(gm, node, name, lab_keep, changes) -> None:
-    shape = node.args[0].meta.get("fxprune.shape")
+    shape = node.args[0].meta.get(SHAPE_KEY)
     if shape is None:
         return
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
@@ -328,7 +329,7 @@ def _rewrite_slices(node, lab_keep, changes) -> None:
             node.args[0].meta.get("val"), torch.Tensor):
         return
     idx_t = idx if isinstance(idx, tuple) else (idx,)
-    shape = node.args[0].meta.get("fxprune.shape")
+    shape = node.args[0].meta.get(SHAPE_KEY)
     if shape is None:
         return
     n_real = sum(1 for i in idx_t if i is not None and i is not Ellipsis)
@@ -361,7 +362,7 @@ def _rewrite_slices(node, lab_keep, changes) -> None:
 
 
 def _rewrite_narrow(node, name, lab_keep, changes) -> None:
-    shape = node.args[0].meta.get("fxprune.shape")
+    shape = node.args[0].meta.get(SHAPE_KEY)
     if shape is None:
         return
     dim = node.args[1] % len(shape)

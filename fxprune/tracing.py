@@ -21,11 +21,11 @@ import torch.fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fxprune.errors import InputError, TraceError
+from fxprune.meta import INPUT_DTYPES_KEY, INPUT_SHAPES_KEY, SHAPE_PROP_KEY, TRACED_FROM_KEY
 
 WHERE = "fxprune.trace"
 #: ``gm.meta`` key: how :func:`propagate_shapes` last got the graph's values ("meta": meta
 #: tensors, "fake": fake tensors, "real": a real run)
-SHAPE_PROP_KEY = "fxprune.shape_prop"
 
 
 def _as_tuple(example_inputs: Any) -> tuple:
@@ -334,17 +334,17 @@ def trace(model: Any, example_inputs: Any) -> torch.fx.GraphModule:
     if retyped or source != "nn.Module":  # a freshly built GraphModule's code is current
         gm.recompile()
     propagate_shapes(gm, inputs)
-    gm.meta["fxprune.traced_from"] = source
-    gm.meta["fxprune.input_shapes"] = [tuple(t.shape) for t in inputs]
-    gm.meta["fxprune.input_dtypes"] = [t.dtype for t in inputs]
+    gm.meta[TRACED_FROM_KEY] = source
+    gm.meta[INPUT_SHAPES_KEY] = [tuple(t.shape) for t in inputs]
+    gm.meta[INPUT_DTYPES_KEY] = [t.dtype for t in inputs]
     return gm
 
 
 def example_zeros(gm: torch.fx.GraphModule) -> list[torch.Tensor]:
     """Zero tensors shaped (and typed) like the example inputs ``gm`` was traced with, for
     re-propagating shapes after a pass changed the graph."""
-    shapes = gm.meta.get("fxprune.input_shapes") or []
-    dtypes = gm.meta.get("fxprune.input_dtypes") or [torch.float32] * len(shapes)
+    shapes = gm.meta.get(INPUT_SHAPES_KEY) or []
+    dtypes = gm.meta.get(INPUT_DTYPES_KEY) or [torch.float32] * len(shapes)
     return [torch.zeros(s, dtype=d) for s, d in zip(shapes, dtypes)]
 
 

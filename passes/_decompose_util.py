@@ -57,6 +57,7 @@ from torch.fx.node import Node, map_aggregate, map_arg
 from torch.fx.proxy import Attribute, Proxy
 
 from fxprune.errors import FxPruneError, PassOrderError
+from fxprune.meta import DECOMPOSED_FROM_KEY
 
 __all__ = [
     "DecomposeError", "WorldSet", "InlineResult", "inline_call", "replace_node", "refresh_meta",
@@ -68,7 +69,6 @@ __all__ = [
 LINEAR_TARGETS = (F.linear,)
 
 #: Where a node produced by a decompose pass records the node it replaced.
-DECOMPOSED_FROM = "fxprune.decomposed_from"
 
 
 class DecomposeError(FxPruneError):
@@ -603,7 +603,7 @@ def _insert(gm: torch.fx.GraphModule, node: Node, graph: torch.fx.Graph, out: An
                                        map_arg(n.kwargs, env.__getitem__),
                                        name=f"{node.name}_{n.name}")
             new.meta.update(keep_meta)
-            new.meta[DECOMPOSED_FROM] = node.name
+            new.meta[DECOMPOSED_FROM_KEY] = node.name
             env[n] = new
             new_nodes.append(new)
     outputs = map_arg(graph.output_node().args[0], env.__getitem__)
@@ -741,7 +741,7 @@ def normalize_linear_biases(gm: torch.fx.GraphModule, nodes: Iterable[Node] | No
                 pos = b
             cat = gm.graph.call_function(torch.cat, (pieces,))
         for p in pieces + [cat]:
-            p.meta[DECOMPOSED_FROM] = bias.name
+            p.meta[DECOMPOSED_FROM_KEY] = bias.name
         bias.replace_all_uses_with(cat)
         for d in dead:
             gm.graph.erase_node(d)

@@ -60,10 +60,11 @@ import torch.fx
 import torch.nn.functional as F
 from torch.fx.node import Node
 
+from fxprune.meta import LINEAR_KEY
 from fxprune.passbase import FxPass, PassResult
 
 from ._decompose_util import (
-    DECOMPOSED_FROM,
+    DECOMPOSED_FROM_KEY,
     copy_for_rewrite,
     linear_parts,
     normalize_linear_biases,
@@ -71,10 +72,9 @@ from ._decompose_util import (
     require_shapes,
 )
 
-__all__ = ["DecomposeFunctionalLinear", "DecomposeFunctionalLinearOptions", "LINEAR_META"]
+__all__ = ["DecomposeFunctionalLinear", "DecomposeFunctionalLinearOptions", "LINEAR_KEY"]
 
 #: node.meta key with the parameter names a canonical Linear reads.
-LINEAR_META = "fxprune.linear"
 
 aten = torch.ops.aten
 _ADDMM = {aten.addmm.default, torch.addmm}
@@ -280,10 +280,10 @@ def _shape(node: Any) -> tuple[int, ...] | None:
 
 
 def _move(old: Node, new: Node) -> None:
-    for k in ("nn_module_stack", "stack_trace", DECOMPOSED_FROM):
+    for k in ("nn_module_stack", "stack_trace", DECOMPOSED_FROM_KEY):
         if k in old.meta:
             new.meta[k] = old.meta[k]
-    new.meta.setdefault(DECOMPOSED_FROM, old.name)
+    new.meta.setdefault(DECOMPOSED_FROM_KEY, old.name)
     old.replace_all_uses_with(new)
 
 
@@ -422,7 +422,7 @@ def _is_zeros(node: Node) -> bool:
 def _annotate(node: Node) -> None:
     _, w, b = linear_parts(node)
     if isinstance(w, Node) and w.op == "get_attr":
-        node.meta[LINEAR_META] = {"weight": w.target, "bias": _bias_pieces(b)}
+        node.meta[LINEAR_KEY] = {"weight": w.target, "bias": _bias_pieces(b)}
 
 
 def _broadcast_weight(node: Node) -> Node | None:

@@ -32,9 +32,8 @@ import torch.fx
 from fxprune.amap.gates import ChannelGate, GateValues
 from fxprune.analysis.engine import get_analysis
 from fxprune.errors import PassOrderError
+from fxprune.meta import COMPS_KEY, GATES_KEY, SHAPE_KEY
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
-
-GATES_KEY = "fxprune.gates"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,14 +90,14 @@ def gate_sinks(out: torch.fx.GraphModule, analysis, group, position: dict[int, i
         ch = analysis.components.channel_of(sink.comp.lab)
         index = np.vectorize(position.__getitem__, otypes=[np.int64])(ch)
         operand = node.args[sink.arg] if isinstance(sink.arg, int) else node.kwargs[sink.arg]
-        nd = len(operand.meta["fxprune.shape"])
+        nd = len(operand.meta[SHAPE_KEY])
         index = index.reshape((1,) * (nd - index.ndim) + index.shape)
         name = f"{prefix}_{j}"
         out.add_submodule(name, make_module(torch.from_numpy(index)))
         with out.graph.inserting_before(node):
             gate_node = out.graph.call_module(name, (operand,))
         gate_node.meta.update({k: v for k, v in operand.meta.items()
-                               if k in ("val", "fxprune.shape", "fxprune.comps")})
+                               if k in ("val", SHAPE_KEY, COMPS_KEY)})
         if isinstance(sink.arg, int):
             args = list(node.args)
             args[sink.arg] = gate_node

@@ -30,11 +30,10 @@ import torch.fx
 from fxprune.amap.indicators import Indicator, IndicatorGate
 from fxprune.analysis.engine import get_analysis
 from fxprune.errors import PassOrderError
+from fxprune.meta import INDICATORS_KEY
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
 
 from .insert_gates import gate_sinks
-
-INDICATORS_KEY = "fxprune.indicators"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from fxprune.analysis.engine import get_analysis
 from fxprune.analysis.rules.core import op_name
+from fxprune.meta import SHAPE_KEY
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
 
 SHAPE_OPS = {"view", "reshape", "permute", "transpose", "contiguous", "getitem", "unbind",
@@ -110,16 +111,16 @@ class Reweight(FxPass):
             pos = {int(c): i for i, c in enumerate(layout.ravel())}
             ch = analysis.components.channel_of(sink.comp.lab)
             index = np.vectorize(pos.__getitem__, otypes=[np.int64])(ch)
-            q_shape = q.meta["fxprune.shape"]
+            q_shape = q.meta[SHAPE_KEY]
             index = index.reshape((1,) * (len(q_shape) - index.ndim) + index.shape)[0]
-            x_shape = src.meta["fxprune.shape"]
+            x_shape = src.meta[SHAPE_KEY]
             token_dims = tuple(range(1, len(x_shape) - 1))
             name = f"fxprune_reweight_{site.index}"
             out.add_submodule(name, ReweightModule(x_shape[-1], layout.size,
                                                    torch.from_numpy(index), token_dims))
             with out.graph.inserting_before(qk_node):
                 new_q = out.graph.call_module(name, (src, q))
-            new_q.meta.update({k: v for k, v in q.meta.items() if k in ("val", "fxprune.shape")})
+            new_q.meta.update({k: v for k, v in q.meta.items() if k in ("val", SHAPE_KEY)})
             qk_node.args = (new_q,) + tuple(qk_node.args[1:])
             inserted += 1
             changes.append(f"reweight on the query of site {site.index} ({qk_node.name})")

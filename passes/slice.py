@@ -29,15 +29,22 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxprune.analysis.engine import ANALYSIS_KEY, get_analysis
+from fxprune.analysis.engine import get_analysis
 from fxprune.errors import InputError, PlanError, SliceError
+from fxprune.meta import (
+    ANALYSIS_KEY,
+    COMPS_KEY,
+    GATES_KEY,
+    INDICATORS_KEY,
+    INPUT_SHAPES_KEY,
+    PLAN_KEY,
+    SHAPE_KEY,
+)
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
 from fxprune.slicing import apply_slice
 from fxprune.tracing import example_zeros, propagate_shapes
 
-from .insert_gates import GATES_KEY, gate_modules
-
-PLAN_KEY = "fxprune.plan"
+from .insert_gates import gate_modules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +92,9 @@ class Slice(FxPass):
         out.meta[PLAN_KEY] = plan
         out.meta.pop(ANALYSIS_KEY, None)
         out.meta.pop(GATES_KEY, None)
-        shapes = out.meta.get("fxprune.input_shapes")
+        shapes = out.meta.get(INPUT_SHAPES_KEY)
         for node in out.graph.nodes:
-            for key in ("fxprune.comps", "fxprune.shape", "val"):
+            for key in (COMPS_KEY, SHAPE_KEY, "val"):
                 node.meta.pop(key, None)
         if shapes:
             try:
@@ -151,5 +158,5 @@ def _remove_gates(gm: torch.fx.GraphModule) -> list[str]:
     for name, _ in list(gm.named_children()):
         if name.startswith(("fxprune_gate_", "fxprune_indgate_", "fxprune_indicator_")):
             delattr(gm, name)
-    gm.meta.pop("fxprune.indicators", None)
+    gm.meta.pop(INDICATORS_KEY, None)
     return changes

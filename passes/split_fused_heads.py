@@ -33,8 +33,9 @@ import torch.fx
 
 from fxprune.analysis.layout import reshape_groups
 from fxprune.analysis.rules.core import op_name
+from fxprune.meta import ANALYSIS_KEY, INPUT_SHAPES_KEY, SHAPE_PROP_KEY
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
-from fxprune.tracing import SHAPE_PROP_KEY, example_zeros, propagate_shapes
+from fxprune.tracing import example_zeros, propagate_shapes
 
 VIEW_OPS = {"view", "reshape", "_unsafe_view"}
 CHAIN_OPS = {"permute", "transpose", "contiguous"}
@@ -83,9 +84,9 @@ class SplitFusedHeads(FxPass):
             if reason not in (None, "no match"):
                 refused.append((node.name, reason))
         if changes:
-            out.meta.pop("fxprune.analysis", None)  # it describes the old graph
+            out.meta.pop(ANALYSIS_KEY, None)  # it describes the old graph
             out.graph.eliminate_dead_code()  # ensures() recompiles
-            shapes = out.meta.get("fxprune.input_shapes")
+            shapes = out.meta.get(INPUT_SHAPES_KEY)
             if shapes and not _local_vals(out, created, replaced):
                 propagate_shapes(out, example_zeros(out), where=self.name)
         return PassResult(out, bool(changes), changes,

@@ -26,9 +26,10 @@ import torch
 import torch.fx
 
 from fxprune.errors import PassOrderError, PlanError
+from fxprune.meta import GATES_KEY
 from fxprune.passbase import FxPass, PassResult
 
-from .insert_gates import GATES_KEY, gate_modules
+from .insert_gates import gate_modules
 
 MODES = ("rank", "same-index", "whole-head")
 

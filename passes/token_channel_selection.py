@@ -42,6 +42,7 @@ import torch.nn as nn
 from fxprune.analysis.engine import get_analysis
 from fxprune.analysis.rules.core import ACT_MODULES, POINTWISE, op_name
 from fxprune.errors import PlanError
+from fxprune.meta import ANALYSIS_KEY, SHAPE_KEY
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
 
 _DROPOUT = (nn.Dropout, nn.Identity)
@@ -102,7 +103,7 @@ def _has_class_token(gm) -> bool:
                 node.args[0], (list, tuple)) and len(node.args[0]) == 2:
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             first = node.args[0][0]
-            shape = first.meta.get("fxprune.shape") if isinstance(first, torch.fx.Node) else None
+            shape = first.meta.get(SHAPE_KEY) if isinstance(first, torch.fx.Node) else None
             if shape and len(shape) == 3 and dim % 3 == 1 and shape[1] == 1 and _from_params(
                     first):
                 return True
@@ -121,7 +122,7 @@ def _from_params(node) -> bool:
         frontier.extend(a for a in n.all_input_nodes
                         if not (op_name(a, None) in ("getattr", "getitem")
                                 and a.args and isinstance(a.args[0], torch.fx.Node)
-                                and a.meta.get("fxprune.shape") is None))
+                                and a.meta.get(SHAPE_KEY) is None))
     return True
 
 
@@ -166,7 +167,7 @@ class TokenChannelSelection(FxPass):
                 continue
             site = before[-1]
             q, k = by_name[site.q.name], by_name[site.k.name]
-            if len(q.meta["fxprune.shape"]) != 4 or len(k.meta["fxprune.shape"]) != 4:
+            if len(q.meta[SHAPE_KEY]) != 4 or len(k.meta[SHAPE_KEY]) != 4:
                 refused.append((g.index, "the attention's q/k are not (batch, heads, tokens, "
                                 "dim)"))
                 continue
@@ -182,7 +183,7 @@ class TokenChannelSelection(FxPass):
             with out.graph.inserting_before(fc2):
                 new = out.graph.call_module(name, (fc1.args[0], q, k))
             new.meta.update({k_: v for k_, v in fc2.meta.items()
-                             if k_ in ("val", "fxprune.shape")})
+                             if k_ in ("val", SHAPE_KEY)})
             fc2.replace_all_uses_with(new)
             for n in [fc2, *reversed(act_nodes), fc1]:
                 out.graph.erase_node(n)
@@ -190,7 +191,7 @@ class TokenChannelSelection(FxPass):
             changes.append(f"MLP group {g.index}: {fc1.target} -> {name}")
         out.graph.lint()
         out.recompile()
-        out.meta.pop("fxprune.analysis", None)
+        out.meta.pop(ANALYSIS_KEY, None)
         return PassResult(out, count > 0, changes, {"rewritten": count, "refused": refused})
 
 

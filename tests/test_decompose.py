@@ -18,8 +18,9 @@ from torch import nn
 
 import fxprune
 from fxprune.errors import FxPruneError, PassOrderError
+from fxprune.meta import LINEAR_KEY
 from fxprune.passes._decompose_util import DecomposeError
-from fxprune.passes.decompose_functional_linear import LINEAR_META, DecomposeFunctionalLinear
+from fxprune.passes.decompose_functional_linear import DecomposeFunctionalLinear
 from fxprune.passes.decompose_mha import DecomposeMultiheadAttention
 from fxprune.passes.decompose_window_attention import DecomposeWindowAttention
 
@@ -523,12 +524,12 @@ def test_functional_linear_fx_graph(qkv_model):
     out = _check_linear_result(result, model, x, n_linear=3)
     lin = [n for n in out.graph.nodes if n.target is F.linear]
     assert all(not n.kwargs for n in lin)
-    assert lin[0].meta[LINEAR_META] == {
+    assert lin[0].meta[LINEAR_KEY] == {
         "weight": "qkv.weight",
         "bias": [("q_bias", 0, 16, 0), ("k_bias", 16, 32, 0), ("v_bias", 32, 48, 0)]}
-    assert lin[1].meta[LINEAR_META]["bias"] == [("q_bias", 0, 16, 0), (None, 16, 32, 0),
+    assert lin[1].meta[LINEAR_KEY]["bias"] == [("q_bias", 0, 16, 0), (None, 16, 32, 0),
                                                 ("v_bias", 32, 48, 0)]
-    assert lin[2].meta[LINEAR_META] == {"weight": "fc", "bias": None}
+    assert lin[2].meta[LINEAR_KEY] == {"weight": "fc", "bias": None}
 
 
 def test_functional_linear_export_graphs(qkv_model):
@@ -575,7 +576,7 @@ def test_functional_linear_zeroed_clone_bias():
     assert "method:zero_" not in op_counts(out) and "method:clone" not in op_counts(out)
     assert "in-place zeroed clone of qkv.bias" in result.changes[0]
     lin = next(n for n in out.graph.nodes if n.target is F.linear)
-    assert lin.meta[LINEAR_META]["bias"] == [("qkv.bias", 0, 16, 0), (None, 16, 32, 0),
+    assert lin.meta[LINEAR_KEY]["bias"] == [("qkv.bias", 0, 16, 0), (None, 16, 32, 0),
                                              ("qkv.bias", 32, 48, 32)]
     with torch.no_grad():
         close(out(x), model(x))
@@ -627,7 +628,7 @@ def test_pipeline_order_is_stable(small_vit):
     result = DecomposeFunctionalLinear()(gm)
     assert not result.modified  # MHA's decomposition is already canonical
     lin = [n for n in result.graph_module.graph.nodes if n.target is F.linear]
-    assert lin[0].meta[LINEAR_META]["weight"].endswith("self_attention.in_proj_weight")
+    assert lin[0].meta[LINEAR_KEY]["weight"].endswith("self_attention.in_proj_weight")
     swin = _small_swin(v2=True)
     xs = torch.randn(1, 3, 32, 32)
     out = DecomposeWindowAttention()(fxprune.trace(swin, xs)).graph_module

@@ -29,9 +29,10 @@ import fxprune
 from exactness import gated_and_sliced, outputs, zeroed_original
 from fxprune.amap.gates import ChannelGate
 from fxprune.errors import PassOrderError, PlanError, SliceError
+from fxprune.meta import GATES_KEY, PLAN_KEY
 from fxprune.models.reference import tiny_vit
-from fxprune.passes.insert_gates import GATES_KEY, InsertGates, gate_modules
-from fxprune.passes.slice import PLAN_KEY, Slice
+from fxprune.passes.insert_gates import InsertGates, gate_modules
+from fxprune.passes.slice import Slice
 from fxprune.passes.split_fused_heads import SplitFusedHeads
 from fxprune.passes.sync_head_ranks import SyncHeadRanks, sync_scores
 from fxprune.pipeline import prepare

@@ -44,6 +44,7 @@ import torch
 import torch.fx
 
 from fxprune.amap.gates import batch_period
+from fxprune.meta import COMPS_KEY
 
 HEAD_START = 1.0  # in units of tau: how far below 0 the most important channel starts
 
@@ -65,7 +66,7 @@ def _by_heads(t: torch.Tensor, node, group_channels: np.ndarray | None, analysis
               heads: int):
     """``t`` as (batch, tokens, heads, size) with the channel ids (heads, size) of its columns,
     or a reason why its layout cannot be read."""
-    meta = node.meta.get("fxprune.comps")
+    meta = node.meta.get(COMPS_KEY)
     entries = [e for e in meta if isinstance(e, tuple) and e[1]] if isinstance(meta, list) else []
     if group_channels is not None:
         entries = [e for e in entries if np.isin(analysis.components.channel_of(e[0]),

@@ -32,6 +32,7 @@ import torch.fx
 import torch.nn as nn
 
 from fxprune.errors import InputError, PlanError
+from fxprune.meta import SLICED_KEY
 
 WHERE = "fxprune.amap.search"
 
@@ -327,5 +328,5 @@ def refine(result: SearchResult, train_loader, epochs: int = 30, *, reweight: bo
     if bar is not None:
         bar.close()
     model.eval()
-    model.meta["fxprune.sliced"] = sliced
+    model.meta[SLICED_KEY] = sliced
     return model, history

@@ -32,9 +32,8 @@ from fxprune.analysis.labels import Components
 from fxprune.analysis.propagate import Propagator, RawSite, Sink
 from fxprune.analysis.rules.core import op_name
 from fxprune.errors import InputError
+from fxprune.meta import ANALYSIS_KEY, COMPS_KEY, INPUT_SHAPES_KEY
 from fxprune.passbase import require_meta
-
-ANALYSIS_KEY = "fxprune.analysis"
 
 
 @dataclasses.dataclass
@@ -237,7 +236,7 @@ def _build_groups(prop: Propagator, comps: Components):
 
 def _build_sites(gm, prop: Propagator, comps: Components, groups, group_of_channel):
     input_batch = None
-    shapes = gm.meta.get("fxprune.input_shapes")
+    shapes = gm.meta.get(INPUT_SHAPES_KEY)
     if shapes:
         input_batch = shapes[0][0] if shapes[0] else None
     sites = []
@@ -466,7 +465,7 @@ def _add_members(gm, groups, comps: Components, group_of_channel) -> None:
     heads_by_site = {g.site: g for g in groups if g.kind == "heads"}
     del heads_by_site
     for node in gm.graph.nodes:
-        meta = node.meta.get("fxprune.comps")
+        meta = node.meta.get(COMPS_KEY)
         if not isinstance(meta, list):
             continue
         for entry in meta:

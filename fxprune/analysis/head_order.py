@@ -38,6 +38,7 @@ import scipy.sparse.csgraph
 import torch.fx
 
 from fxprune.analysis.labels import Components, LabelStore
+from fxprune.meta import COMPS_KEY
 
 
 def tie_interleaved_heads(gm: torch.fx.GraphModule, store: LabelStore, comps: Components,
@@ -52,7 +53,7 @@ def tie_interleaved_heads(gm: torch.fx.GraphModule, store: LabelStore, comps: Co
     group = _group_of_channel(sinks, comps)
     tied = 0
     for node in gm.graph.nodes:
-        for lab, span in _flat(node.meta.get("fxprune.comps")):
+        for lab, span in _flat(node.meta.get(COMPS_KEY)):
             if len(span) < 2:
                 continue
             sub = lab.reshape([lab.shape[d] for d in span])

@@ -37,6 +37,7 @@ from fxprune.analysis.values import (  # noqa: F401  (re-exported: the op rules 
     _shape,
     _structure,
 )
+from fxprune.meta import COMPS_KEY
 
 
 def _onto_unit_dims(tvs: list[TV], operands, out_letters: str, sizes) -> list[TV]:
@@ -104,7 +105,7 @@ class Propagator:
             self.current = node
             _shape(node)
             self.env[node] = apply_rule(self, node)
-            node.meta["fxprune.comps"] = _comps_meta(self.env[node])
+            node.meta[COMPS_KEY] = _comps_meta(self.env[node])
         return self
 
     # -- values ---------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import torch
 import torch.fx
 
 from fxprune.analysis.labels import Comp
+from fxprune.meta import SHAPE_KEY
 
 
 class TV:
@@ -85,12 +86,12 @@ class RawSite:
 def _shape(node) -> tuple[int, ...] | None:
     if not isinstance(node, torch.fx.Node):
         return None
-    cached = node.meta.get("fxprune.shape", False)
+    cached = node.meta.get(SHAPE_KEY, False)
     if cached is not False:
         return cached
     val = node.meta.get("val")
     shape = tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
-    node.meta["fxprune.shape"] = shape
+    node.meta[SHAPE_KEY] = shape
     return shape
 
 

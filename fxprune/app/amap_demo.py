@@ -42,6 +42,8 @@ import warnings
 import numpy as np
 import torch
 
+from fxprune.meta import SLICED_KEY
+
 
 def _interleaved_ms(models: dict, x: torch.Tensor, rounds: int) -> dict[str, float]:
     """Median ms per forward of every model, timed alternately (order rotated each round) so
@@ -200,7 +202,7 @@ def _run(out_dir, seed, dense_epochs, epochs, macs_ratio, rounds, verbose) -> di
         t = time.perf_counter()
         pruned, _ = refine(res, data.train_loader(seed=seed), epochs=epochs, progress=verbose)
         t_refine = time.perf_counter() - t
-    if not pruned.meta.get("fxprune.sliced", True):
+    if not pruned.meta.get(SLICED_KEY, True):
         raise RuntimeError("the searched masks could not be sliced (the demo searches with "
                            "head synchronisation, so this is a bug)")
     acc_after = accuracy(pruned, data)

@@ -39,9 +39,9 @@ from typing import Any
 import torch
 
 from fxprune.errors import FxPruneError, InputError
+from fxprune.meta import PLAN_KEY, SUMMARY_KEY
 
 PROG = "fxprune"
-PLAN_KEY = "fxprune.plan"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_SCRIPT = REPO_ROOT / "benchmarks" / "bench_analyze.py"
 
@@ -235,7 +235,7 @@ def _result_table(model: torch.nn.Module, pruned: torch.nn.Module, rows: list[di
 
     if hasattr(report, "prune_table"):
         return report.prune_table(pruned)
-    summary = getattr(pruned, "meta", {}).get("fxprune.summary")
+    summary = getattr(pruned, "meta", {}).get(SUMMARY_KEY)
     if summary:
         return _summary_table(summary)
     return _plan_table(rows)
@@ -290,7 +290,7 @@ def cmd_prune(args) -> int:
                      "macs_ratio_target": args.macs_ratio, "criterion": args.criterion,
                      "align": args.align, "macs_dense": dense, "macs_pruned": after,
                      "macs_ratio": after / dense if dense else None,
-                     "summary": getattr(pruned, "meta", {}).get("fxprune.summary"),
+                     "summary": getattr(pruned, "meta", {}).get(SUMMARY_KEY),
                      "plan": rows, "out": args.out})
         return 0
     print(f"model: {args.model}  input: {_shape_text(x)}  criterion: {args.criterion}  "

@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from fxprune.meta import MACS_RATIO_KEY, PLAN_KEY, SUMMARY_KEY
+
 
 def _median_ms(fn, x, rounds: int) -> float:
     times = []
@@ -59,7 +61,7 @@ def main(model_name: str = "deit_small_patch16_224", macs_ratio: float = 0.7,
     zeroed = copy.deepcopy(model)
     params = dict(zeroed.named_parameters())
     with torch.no_grad():
-        for name, dims in pruned.meta["fxprune.plan"].items():
+        for name, dims in pruned.meta[PLAN_KEY].items():
             for dim, kept in dims.items():
                 drop = torch.ones(params[name].shape[dim], dtype=torch.bool)
                 drop[kept] = False
@@ -76,9 +78,9 @@ def main(model_name: str = "deit_small_patch16_224", macs_ratio: float = 0.7,
           f"(ideal {1 / pruned.meta['fxprune.macs_ratio']:.2f}x)")
     os.makedirs(out_dir, exist_ok=True)
     torch.save(pruned, os.path.join(out_dir, "pruned.pt"))
-    result = {"model": model_name, "macs_ratio": pruned.meta["fxprune.macs_ratio"],
+    result = {"model": model_name, "macs_ratio": pruned.meta[MACS_RATIO_KEY],
               "rel_error_vs_zeroed": err, "dense_ms": dense_ms, "pruned_ms": pruned_ms,
-              "summary": pruned.meta["fxprune.summary"]}
+              "summary": pruned.meta[SUMMARY_KEY]}
     with open(os.path.join(out_dir, "result.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(f"saved {out_dir}/pruned.pt (torch.load(..., weights_only=False)) and result.json")

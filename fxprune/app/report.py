@@ -10,6 +10,8 @@ Example:
 
 from __future__ import annotations
 
+from fxprune.meta import DENSE_MACS_KEY, MACS_RATIO_KEY, SUMMARY_KEY
+
 
 def format_table(header: list[str], rows: list[list]) -> str:
     cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
@@ -67,7 +69,7 @@ def prune_table(pruned) -> str:
         >>> "qk dim" in prune_table(p)
         True
     """
-    summary = pruned.meta.get("fxprune.summary", [])
+    summary = pruned.meta.get(SUMMARY_KEY, [])
     sites = [r for r in summary if "site" in r]
     mlps = [r for r in summary if r.get("kind") == "mlp"]
     rows = []
@@ -82,8 +84,8 @@ def prune_table(pruned) -> str:
         out.append(format_table(["group", "MLP width"], [[m["group"], f"{m['width']} -> "
                                                           f"{m['width_after']}"]
                                                          for m in mlps]))
-    dense = pruned.meta.get("fxprune.dense_macs")
-    ratio = pruned.meta.get("fxprune.macs_ratio")
+    dense = pruned.meta.get(DENSE_MACS_KEY)
+    ratio = pruned.meta.get(MACS_RATIO_KEY)
     if dense is not None and ratio is not None:
         out.append(f"MACs: {format_macs(dense)} -> {format_macs(dense * ratio)} "
                    f"(ratio {ratio:.3f}, criterion {pruned.meta.get('fxprune.criterion')})")

@@ -31,6 +31,15 @@ import torch.fx
 from fxprune.analysis.engine import analyze
 from fxprune.errors import InputError, PlanError
 from fxprune.macs import count_macs, node_macs
+from fxprune.meta import (
+    ANALYSIS_KEY,
+    CRITERION_KEY,
+    DENSE_MACS_KEY,
+    MACS_RATIO_KEY,
+    PLAN_KEY,
+    SHAPE_KEY,
+    SUMMARY_KEY,
+)
 from fxprune.planning.criteria import CRITERIA, channel_scores
 from fxprune.slicing import new_shape
 from fxprune.tracing import trace
@@ -145,7 +154,7 @@ class _CostModel:
 
             def shape_of(node):
                 shape = new_shape(node, self.lab_keep) if node in nodes else None
-                return shape if shape is not None else node.meta["fxprune.shape"]
+                return shape if shape is not None else node.meta[SHAPE_KEY]
 
             saved = 0
             for node in affected:
@@ -397,10 +406,10 @@ def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simi
     pruned = result.graph_module if result is not None else _dense_copy(gm)
     _own_tensors(pruned, model_storages)
     reached = count_macs(pruned) / dense
-    pruned.meta["fxprune.macs_ratio"] = round(reached, 4)
-    pruned.meta["fxprune.dense_macs"] = dense
-    pruned.meta["fxprune.criterion"] = criterion
-    pruned.meta["fxprune.summary"] = _summary(analysis, masks)
+    pruned.meta[MACS_RATIO_KEY] = round(reached, 4)
+    pruned.meta[DENSE_MACS_KEY] = dense
+    pruned.meta[CRITERION_KEY] = criterion
+    pruned.meta[SUMMARY_KEY] = _summary(analysis, masks)
     if reached > float(macs_ratio) + 0.02:
         warnings.warn(f"fxprune.prune: reached macs_ratio {reached:.3f}, above the target "
                       f"{macs_ratio} (the unfrozen groups cannot go lower at align={align}); "
@@ -451,8 +460,8 @@ def _dense_copy(gm):
     import copy
 
     out = copy.deepcopy(gm)
-    out.meta.pop("fxprune.analysis", None)
-    out.meta["fxprune.plan"] = {}
+    out.meta.pop(ANALYSIS_KEY, None)
+    out.meta[PLAN_KEY] = {}
     return out
 
 
