@@ -197,7 +197,7 @@ RESHAPE_OPS = {"view", "reshape", "_unsafe_view", "expand", "broadcast_to", "unf
 def rewrite_constants(gm: torch.fx.GraphModule, analysis, lab_keep: np.ndarray,
                       changes: list[str]) -> None:
     """Rewrite every constant in the graph that spells a pruned channel size."""
-    from fxprune.analysis.rules.core import op_name
+    from fxprune.ops import op_name
 
     for node in list(gm.graph.nodes):
         if node.op not in ("call_function", "call_method"):

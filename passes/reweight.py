@@ -35,8 +35,8 @@ import torch.fx
 import torch.nn as nn
 
 from fxprune.analysis.engine import get_analysis
-from fxprune.analysis.rules.core import op_name
 from fxprune.meta import SHAPE_KEY
+from fxprune.ops import op_name
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
 
 SHAPE_OPS = {"view", "reshape", "permute", "transpose", "contiguous", "getitem", "unbind",

@@ -32,8 +32,8 @@ import torch
 import torch.fx
 
 from fxprune.analysis.layout import reshape_groups
-from fxprune.analysis.rules.core import op_name
 from fxprune.meta import ANALYSIS_KEY, INPUT_SHAPES_KEY, SHAPE_PROP_KEY
+from fxprune.ops import op_name
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
 from fxprune.tracing import example_zeros, propagate_shapes
 

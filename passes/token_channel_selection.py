@@ -40,9 +40,9 @@ import torch.fx
 import torch.nn as nn
 
 from fxprune.analysis.engine import get_analysis
-from fxprune.analysis.rules.core import ACT_MODULES, POINTWISE, op_name
 from fxprune.errors import PlanError
 from fxprune.meta import ANALYSIS_KEY, SHAPE_KEY
+from fxprune.ops import ACT_MODULES, POINTWISE, op_name
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
 
 _DROPOUT = (nn.Dropout, nn.Identity)

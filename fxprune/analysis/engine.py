@@ -30,9 +30,9 @@ import torch.fx
 from fxprune.analysis.head_order import resolve_subset_params, tie_interleaved_heads
 from fxprune.analysis.labels import Components
 from fxprune.analysis.propagate import Propagator, RawSite, Sink
-from fxprune.analysis.rules.core import op_name
 from fxprune.errors import InputError
 from fxprune.meta import ANALYSIS_KEY, COMPS_KEY, INPUT_SHAPES_KEY
+from fxprune.ops import op_name
 from fxprune.passbase import require_meta
 
 

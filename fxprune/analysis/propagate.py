@@ -26,18 +26,19 @@ import torch
 import torch.fx
 
 from fxprune.analysis.labels import Comp, LabelStore
-from fxprune.analysis.values import (  # noqa: F401  (re-exported: the op rules import them from here)
+from fxprune.analysis.rules.registry import apply_rule
+from fxprune.analysis.values import (
     TV,
     RawSite,
     Sink,
-    _align,
-    _comps_meta,
-    _fetch_attr,
-    _iter_comps,
-    _shape,
-    _structure,
+    align_ndim,
+    comps_meta,
+    iter_comps,
+    shape_of,
+    structure,
 )
 from fxprune.meta import COMPS_KEY
+from fxprune.ops import fetch_attr
 
 
 def _onto_unit_dims(tvs: list[TV], operands, out_letters: str, sizes) -> list[TV]:
@@ -61,9 +62,6 @@ def _onto_unit_dims(tvs: list[TV], operands, out_letters: str, sizes) -> list[TV
                  for c in tv.comps]
         out.append(TV(comps, tv.shape, tv.soft, tv.param))
     return out
-
-
-LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 class Propagator:
@@ -99,13 +97,11 @@ class Propagator:
 
     # -- driver ---------------------------------------------------------------------------
     def run(self) -> Propagator:
-        from fxprune.analysis.rules.core import apply_rule
-
         for node in self.gm.graph.nodes:
             self.current = node
-            _shape(node)
+            shape_of(node)
             self.env[node] = apply_rule(self, node)
-            node.meta[COMPS_KEY] = _comps_meta(self.env[node])
+            node.meta[COMPS_KEY] = comps_meta(self.env[node])
         return self
 
     # -- values ---------------------------------------------------------------------------
@@ -119,12 +115,12 @@ class Propagator:
         return v if isinstance(v, TV) else None
 
     def plain(self, node_or_shape, soft=False) -> TV:
-        shape = node_or_shape if isinstance(node_or_shape, tuple) else _shape(node_or_shape)
+        shape = node_or_shape if isinstance(node_or_shape, tuple) else shape_of(node_or_shape)
         return TV([], shape or (), soft=soft)
 
     def unlabeled_like(self, node) -> Any:
         """A value with no channel labels shaped like ``node.meta['val']`` (tuples kept)."""
-        return _structure(node.meta.get("val"))
+        return structure(node.meta.get("val"))
 
     def param_value(self, name: str) -> TV:
         """TV of a parameter or buffer: one soft comp over its full shape (cached per tensor:
@@ -132,7 +128,7 @@ class Propagator:
         name = self._canonical.get(name, name)
         tv = self.param_tv.get(name)
         if tv is None:
-            tensor = _fetch_attr(self.gm, name)
+            tensor = fetch_attr(self.gm, name)
             shape = tuple(int(s) for s in tensor.shape)
             self.param_shapes[name] = shape
             tv = TV(None, shape, soft=True, param=(name, tuple(range(len(shape)))),
@@ -172,7 +168,7 @@ class Propagator:
         return TV(comps, tv.shape, soft=True, param=tv.param)
 
     def freeze(self, value, reason: str) -> None:
-        for comp in _iter_comps(value):
+        for comp in iter_comps(value):
             self.store.freeze(comp.lab, f"{reason} at {self.current.name}")
 
     # -- generic mechanisms ---------------------------------------------------------------
@@ -180,7 +176,7 @@ class Propagator:
         """Elementwise op with broadcasting. Equal spans are coupled; a parameter's dims that
         meet a plain (token) dim of an activation collapse into one label."""
         nd = len(out_shape)
-        tvs = [_align(v, nd) for v in operands if isinstance(v, TV)]
+        tvs = [align_ndim(v, nd) for v in operands if isinstance(v, TV)]
         hard = [v for v in tvs if not v.soft]
         plain_dims: dict[int, bool] = {}
         for v in hard:

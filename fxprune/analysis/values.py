@@ -8,7 +8,7 @@ Example:
     >>> import numpy as np
     >>> from fxprune.analysis.labels import Comp
     >>> tv = TV([Comp(np.arange(4).reshape(1, 4), (1,))], (2, 4))
-    >>> _align(tv, 3).shape, _align(tv, 3).comps[0].span
+    >>> align_ndim(tv, 3).shape, align_ndim(tv, 3).comps[0].span
     ((1, 2, 4), (2,))
 """
 
@@ -23,6 +23,9 @@ import torch.fx
 
 from fxprune.analysis.labels import Comp
 from fxprune.meta import SHAPE_KEY
+
+#: einsum-style letters the propagator names dims with
+LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 class TV:
@@ -83,7 +86,7 @@ class RawSite:
     fused: bool = False      # one node (SDPA) does both products
 
 
-def _shape(node) -> tuple[int, ...] | None:
+def shape_of(node) -> tuple[int, ...] | None:
     if not isinstance(node, torch.fx.Node):
         return None
     cached = node.meta.get(SHAPE_KEY, False)
@@ -95,7 +98,7 @@ def _shape(node) -> tuple[int, ...] | None:
     return shape
 
 
-def _align(v: TV, nd: int) -> TV:
+def align_ndim(v: TV, nd: int) -> TV:
     pad = nd - v.ndim
     if pad <= 0:
         return v
@@ -104,34 +107,27 @@ def _align(v: TV, nd: int) -> TV:
     return TV(comps, (1,) * pad + v.shape, v.soft, None)
 
 
-def _structure(val) -> Any:
+def structure(val) -> Any:
     if isinstance(val, torch.Tensor):
         return TV([], tuple(int(s) for s in val.shape))
     if isinstance(val, (list, tuple)):
-        return [_structure(v) for v in val]
+        return [structure(v) for v in val]
     return None
 
 
-def _iter_comps(value):
+def iter_comps(value):
     if isinstance(value, TV):
         yield from value.comps
     elif isinstance(value, (list, tuple)):
         for v in value:
-            yield from _iter_comps(v)
+            yield from iter_comps(v)
 
 
-def _comps_meta(value):
+def comps_meta(value):
     if isinstance(value, TV):
         if value._comps is None:  # an unused parameter view: do not build its labels
             return []
         return [(c.lab, c.span) for c in value.comps]
     if isinstance(value, (list, tuple)):
-        return [_comps_meta(v) for v in value]
+        return [comps_meta(v) for v in value]
     return None
-
-
-def _fetch_attr(gm: torch.nn.Module, target: str):
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj

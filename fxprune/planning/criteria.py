@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fxprune.analysis.propagate import _fetch_attr
+from fxprune.analysis.propagate import fetch_attr
 from fxprune.errors import InputError
 
 CRITERIA = ("similarity", "l1", "random", "toast")
@@ -50,7 +50,7 @@ def _features(gm, analysis, groups) -> dict[int, list[np.ndarray]]:
         pos_of[g.index] = lookup
     blocks: dict[int, list] = {g.index: [] for g in groups}
     for name, pcomps in analysis.param_comps.items():
-        tensor = _fetch_attr(gm, name)
+        tensor = fetch_attr(gm, name)
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
             continue
         w = tensor.detach().float().cpu().numpy()

@@ -1,5 +1,5 @@
-"""Op rules for contractions (Linear, matmul, einsum, SDPA, conv), normalisations and
-``torch.nn`` modules; indexing, splitting and joining are in :mod:`fxprune.analysis.rules.indexing`.
+"""Rules for contractions: Linear, conv, matmul/bmm, addmm, einsum and
+scaled_dot_product_attention.
 Attention sites are recorded here, found by what the ops do: a contraction of two activations
 over channel dims is a q.k product; a contraction over a plain (token) dim that carries
 channels of its second operand is the attention-times-value product.
@@ -7,21 +7,20 @@ channels of its second operand is the attention-times-value product.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.fx
-import torch.nn as nn
 
 from fxprune.analysis.labels import Comp
-from fxprune.analysis.propagate import LETTERS, TV, Propagator, RawSite, _shape
-from fxprune.analysis.rules.indexing import INDEX_RULES, _along_dims
+from fxprune.analysis.rules.common import out_shape, unknown
+from fxprune.analysis.rules.registry import rule
+from fxprune.analysis.values import LETTERS, TV, RawSite, align_ndim, shape_of
+from fxprune.ops import op_name
 
-
-def _o():
-    from fxprune.analysis.rules import core as oprules
-    return oprules
+if TYPE_CHECKING:
+    from fxprune.analysis.propagate import Propagator
 
 
 def _tensor_args(node):
@@ -46,8 +45,8 @@ def _matmul_letters(na: int, nb: int):
 
 
 def _contraction(p: Propagator, node, a_arg, b_arg, la, lb, lo, *, arg_positions=(0, 1)) -> TV:
-    a = p.tv(a_arg) or TV([], _shape(a_arg) or ())
-    b = p.tv(b_arg) or TV([], _shape(b_arg) or ())
+    a = p.tv(a_arg) or TV([], shape_of(a_arg) or ())
+    b = p.tv(b_arg) or TV([], shape_of(b_arg) or ())
     n_sinks = len(p.sinks)
     out = p.contract([(a, la), (b, lb)], lo, sink_args=list(arg_positions), sink_kind="matmul")
     hard_contracted, by_operand, fresh_heads, (_, b) = p._last_contraction
@@ -121,15 +120,17 @@ def _site_of(p, a: TV):
     return None
 
 
+@rule("matmul", "bmm", "mm")
 def _matmul(p: Propagator, node) -> Any:
     a_arg, b_arg = node.args[0], node.args[1]
-    na, nb = len(_shape(a_arg) or ()), len(_shape(b_arg) or ())
+    na, nb = len(shape_of(a_arg) or ()), len(shape_of(b_arg) or ())
     la, lb, lo = _matmul_letters(na, nb)
     out = _contraction(p, node, a_arg, b_arg, la, lb, lo)
-    out.shape = _shape(node) or out.shape
+    out.shape = shape_of(node) or out.shape
     return out
 
 
+@rule("addmm")
 def _addmm(p: Propagator, node) -> Any:
     bias, x_arg, w_arg = node.args[0], node.args[1], node.args[2]
     out = _contraction(p, node, x_arg, w_arg, "MK", "KN", "MN", arg_positions=(1, 2))
@@ -139,6 +140,7 @@ def _addmm(p: Propagator, node) -> Any:
     return out
 
 
+@rule("einsum")
 def _einsum(p: Propagator, node) -> Any:
     eq = node.args[0]
     operands = node.args[1:]
@@ -146,7 +148,7 @@ def _einsum(p: Propagator, node) -> Any:
         operands = operands[0]
     eq = eq.replace(" ", "")
     if "->" not in eq or "..." in eq or len(operands) < 2:
-        return _o()._unknown(p, node, f"einsum {eq!r} (only explicit forms without '...')")
+        return unknown(p, node, f"einsum {eq!r} (only explicit forms without '...')")
     ins, out = eq.split("->")
     terms = ins.split(",")
     # operands whose letters all stay in the output only scale the product elementwise (the
@@ -155,13 +157,13 @@ def _einsum(p: Propagator, node) -> Any:
     if len(operands) > 2 and len(main) < 2:
         main = list(range(len(terms)))[:2]
     if len(main) != 2:
-        return _o()._unknown(p, node, f"einsum {eq!r} (more than two contracted operands)")
+        return unknown(p, node, f"einsum {eq!r} (more than two contracted operands)")
     spread = len(node.args) == len(operands) + 1
     i, j = main
     positions = (i + 1, j + 1) if spread else (None, None)
     res = _contraction(p, node, operands[i], operands[j], terms[i], terms[j], out,
                        arg_positions=positions)
-    res.shape = _shape(node) or res.shape
+    res.shape = shape_of(node) or res.shape
     for k, term in enumerate(terms):
         if k in main:
             continue
@@ -173,22 +175,23 @@ def _einsum(p: Propagator, node) -> Any:
 def _scale_operand(p, arg, term: str, out: str, out_shape) -> TV:
     """An einsum operand whose letters all stay in the output, laid out on the output's
     letters (size 1 where it has none), for an elementwise product."""
-    tv = p.tv(arg) or TV([], _shape(arg) or ())
+    tv = p.tv(arg) or TV([], shape_of(arg) or ())
     sizes = {ch: out_shape[out.index(ch)] for ch in out}
     comps = [p._to_letters(c, term, out, sizes) for c in tv.comps]
     shape = tuple(out_shape[d] if ch in term else 1 for d, ch in enumerate(out))
     return TV(comps, shape, tv.soft)
 
 
+@rule("scaled_dot_product_attention")
 def _sdpa(p: Propagator, node) -> Any:
     q_arg, k_arg, v_arg = (node.args + (None,) * 3)[:3]
     q_arg = q_arg if q_arg is not None else node.kwargs.get("query")
     k_arg = k_arg if k_arg is not None else node.kwargs.get("key")
     v_arg = v_arg if v_arg is not None else node.kwargs.get("value")
-    qs, ks, vs = _shape(q_arg), _shape(k_arg), _shape(v_arg)
+    qs, ks, vs = shape_of(q_arg), shape_of(k_arg), shape_of(v_arg)
     mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
     if qs is None or ks is None or vs is None or qs[:-2] != ks[:-2] or ks[:-1] != vs[:-1]:
-        return _o()._unknown(p, node, "scaled_dot_product_attention with broadcast or grouped "
+        return unknown(p, node, "scaled_dot_product_attention with broadcast or grouped "
                              "heads")
     nb = len(qs) - 2
     batch = LETTERS[:nb]
@@ -199,7 +202,7 @@ def _sdpa(p: Propagator, node) -> Any:
     if isinstance(mask, torch.fx.Node) and p.tv(mask) is not None:
         scores = p.pointwise([scores, p.tv(mask)], scores.shape)
     out = p.contract([(scores, batch + "NM"), (v, batch + "ME")], batch + "NE")
-    out.shape = _shape(node) or out.shape
+    out.shape = shape_of(node) or out.shape
     if len(hard_contracted) == 2:
         v = p._last_contraction[3][1]  # v as the product with the scores read it
         v_comps = [c for c in (v.comps if v else []) if c.span]
@@ -214,146 +217,104 @@ def _sdpa(p: Propagator, node) -> Any:
     return out
 
 
+@rule("linear")
 def _linear_fn(p: Propagator, node) -> Any:
     x_arg = node.args[0]
     w_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
     b_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    return _o()._linear(p, node, x_arg, p.tv(w_arg), p.tv(b_arg) if b_arg is not None else None)
+    return linear(p, node, x_arg, p.tv(w_arg), p.tv(b_arg) if b_arg is not None else None)
 
 
+@rule("conv1d", "conv2d", "convolution")
 def _conv_fn(p: Propagator, node) -> Any:
     x_arg, w_arg = node.args[0], node.args[1]
     b_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    name = _o().op_name(node, p.gm)
+    name = op_name(node, p.gm)
     if name == "convolution":
         groups = node.args[8] if len(node.args) > 8 else 1
         if len(node.args) > 6 and node.args[6]:
-            return _o()._unknown(p, node, "transposed convolution")
+            return unknown(p, node, "transposed convolution")
     else:
         groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
-    return _o()._conv(p, node, x_arg, p.tv(w_arg), p.tv(b_arg) if b_arg is not None else None,
+    return conv(p, node, x_arg, p.tv(w_arg), p.tv(b_arg) if b_arg is not None else None,
                       int(groups))
 
 
-# -- normalisation ------------------------------------------------------------------------
-def _lp_normalize_fn(p: Propagator, node) -> Any:
-    """``F.normalize(x, p, dim)`` = ``x / max(|x|_p over dim, eps)``: the norm is a reduction
-    over ``dim`` (a sink when it covers all of a comp's channel dims and ``p > 0``, a freeze
-    otherwise, as for any reduction), the division is elementwise."""
-    x = p.tv(node.args[0])
-    if x is None:
-        return p.unlabeled_like(node)
-    order = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 2.0)
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 1)
-    if not isinstance(dim, int) or not isinstance(order, (int, float)):
-        return _o()._unknown(p, node, "normalize with a non-constant p or dim")
-    dim %= x.ndim
-    for c in x.comps:
-        if dim not in c.span:
-            continue
-        if not x.soft and set(c.span) <= {dim} and order > 0:
-            p.sinks.append(_o().Sink(node, 0, c, "reduce"))
-        else:
-            p.store.freeze(c.lab, f"normalize (p={order:g}) over channels at {node.name}")
-    return TV(list(x.comps), x.shape, x.soft)
-
-
-def _layer_norm_fn(p: Propagator, node) -> Any:
-    shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
-    k = len(shape) if isinstance(shape, (list, tuple)) else 1
-    w = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
-    b = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
-    return _o()._normalize(p, node, node.args[0], range(-k, 0), p.tv(w), p.tv(b), "LayerNorm")
-
-
-def _rms_norm_fn(p: Propagator, node) -> Any:
-    shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
-    k = len(shape) if isinstance(shape, (list, tuple)) else 1
-    w = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
-    return _o()._normalize(p, node, node.args[0], range(-k, 0), p.tv(w), None, "RMSNorm")
-
-
-def _group_norm_fn(p: Propagator, node) -> Any:
-    return _o()._normalize(p, node, node.args[0], [1], None, None, "GroupNorm")
-
-
-def _batch_norm_fn(p: Propagator, node) -> Any:
-    x = p.tv(node.args[0])
-    if x is None:
-        return p.unlabeled_like(node)
-    extra = x.ndim - 2
-    operands = [x]
-    for a in node.args[1:5]:
-        t = p.tv(a) if isinstance(a, torch.fx.Node) else None
-        if t is not None:
-            operands.append(TV([Comp(c.lab.reshape((1,) + c.lab.shape + (1,) * extra),
-                                     tuple(d + 1 for d in c.span), True) for c in t.comps],
-                               (1,) + t.shape + (1,) * extra, True))
-    out = p.pointwise(operands, x.shape)
-    val = node.meta.get("val")
-    if isinstance(val, (tuple, list)):
-        return [out] + [p.plain(tuple(int(s) for s in v.shape)) for v in val[1:]
-                        if isinstance(v, torch.Tensor)]
+def linear(p: Propagator, node, x_arg, w: TV | None, b: TV | None) -> Any:
+    x = p.tv(x_arg) or p.plain(out_shape(node))
+    shape_out = out_shape(node)
+    if w is None:
+        return unknown(p, node, "linear without a weight")
+    nd = max(x.ndim, 1)
+    letters = LETTERS[:nd]
+    out = p.contract([(x, letters), (w, "Z" + letters[-1])], letters[:-1] + "Z",
+                     sink_args=[0, None], sink_kind="linear")
+    if b is not None:
+        out = p.pointwise([out, b], out.shape)
+    out.shape = shape_out
+    rows = [c for c in out.comps if c.span == (nd - 1,)]
+    if rows:
+        p.sources.append((node, rows[0].lab))
     return out
 
 
-RULES = {
-    "linear": _linear_fn, "matmul": _matmul, "bmm": _matmul, "mm": _matmul,
-    "addmm": _addmm, "einsum": _einsum, "scaled_dot_product_attention": _sdpa,
-    "conv1d": _conv_fn, "conv2d": _conv_fn, "convolution": _conv_fn,
-    "layer_norm": _layer_norm_fn, "native_layer_norm": _layer_norm_fn,
-    "normalize": _lp_normalize_fn,
-    "rms_norm": _rms_norm_fn, "group_norm": _group_norm_fn, "batch_norm": _batch_norm_fn,
-    "_native_batch_norm_legit_no_training": _batch_norm_fn,
-    **INDEX_RULES,
-}
+def conv(p: Propagator, node, x_arg, w: TV | None, b: TV | None, groups: int) -> Any:
+    x = p.tv(x_arg) or p.plain(out_shape(node))
+    shape_out = out_shape(node)
+    if w is None:
+        return unknown(p, node, "convolution without a weight")
+    extra = len(shape_out) - 2
+    for c in x.comps:
+        if any(d >= 2 for d in c.span):
+            p.store.freeze(c.lab, f"convolution over channel-carrying spatial dims at {node.name}")
+    cin = x.shape[1] if x.ndim > 1 else 1
+    if groups == 1:
+        head = p.contract([(TV([c for c in x.comps if all(d < 2 for d in c.span)],
+                                x.shape[:2], x.soft), "bk"), (_first2(w), "Zk")], "bZ",
+                          sink_args=[0, None], sink_kind="conv")
+    elif groups == cin and w.shape[0] == cin:
+        wf = p.factor_param(w) if w.param is not None else w
+        rows = [c for c in wf.comps if c.span == (0,)]
+        # a comp may also span dim 0 when heads are folded into the batch: the conv is then
+        # shared by the heads and ties channel j of every head to its row j
+        chan = [c for c in x.comps if 1 in c.span and set(c.span) <= {0, 1}]
+        comps = []
+        if rows:
+            r = rows[0].lab.reshape(1, -1)
+            if chan:
+                lab = chan[0].lab.reshape(chan[0].lab.shape[:2])
+                p.store.union(lab, r)
+                comps = [Comp(lab, chan[0].span, x.soft)]
+            else:
+                comps = [Comp(r, (1,), True)]
+        head = TV(comps, (x.shape[0], cin), x.soft)
+    else:
+        p.freeze(x, f"grouped convolution (groups={groups})")
+        head = p.plain((x.shape[0], shape_out[1]))
+    comps = [Comp(c.lab.reshape(c.lab.shape + (1,) * extra), c.span, c.soft) for c in head.comps]
+    out = TV(comps, shape_out, x.soft and head.soft)
+    if b is not None:
+        bb = TV([Comp(c.lab.reshape(c.lab.shape + (1,) * extra), c.span, c.soft)
+                 for c in align_ndim(b, 2).comps], (1, shape_out[1]) + (1,) * extra, True)
+        out = p.pointwise([out, bb], shape_out)
+    rows = [c for c in out.comps if c.span == (1,)]
+    if rows:
+        p.sources.append((node, rows[0].lab))
+    return out
 
-def _module_rule(p: Propagator, node, mod: nn.Module) -> Any:
-    o = _o()
-    x_arg = node.args[0] if node.args else None
-    if isinstance(mod, nn.Linear):
-        return o._linear(p, node, x_arg, o._param_of_module(p, node, "weight"),
-                         o._param_of_module(p, node, "bias"))
-    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
-        return o._conv(p, node, x_arg, o._param_of_module(p, node, "weight"),
-                       o._param_of_module(p, node, "bias"), mod.groups)
-    if isinstance(mod, nn.LayerNorm):
-        return o._normalize(p, node, x_arg, range(-len(mod.normalized_shape), 0),
-                            o._param_of_module(p, node, "weight"),
-                            o._param_of_module(p, node, "bias"), "LayerNorm")
-    if hasattr(nn, "RMSNorm") and isinstance(mod, nn.RMSNorm):
-        return o._normalize(p, node, x_arg, range(-len(mod.normalized_shape), 0),
-                            o._param_of_module(p, node, "weight"), None, "RMSNorm")
-    if isinstance(mod, nn.GroupNorm):
-        return o._normalize(p, node, x_arg, [1], None, None, "GroupNorm")
-    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        x = p.tv(x_arg)
-        if x is None:
-            return p.unlabeled_like(node)
-        extra = x.ndim - 2
-        operands = [x]
-        for attr in ("weight", "bias", "running_mean", "running_var"):
-            t = o._param_of_module(p, node, attr)
-            if t is not None:
-                operands.append(TV([Comp(c.lab.reshape((1,) + c.lab.shape + (1,) * extra),
-                                         tuple(d + 1 for d in c.span), True) for c in t.comps],
-                                   (1,) + t.shape + (1,) * extra, True))
-        return p.pointwise(operands, x.shape)
-    if isinstance(mod, o.ACT_MODULES):
-        return o._pointwise(p, node)
-    if isinstance(mod, nn.Softmax):
-        x = p.tv(x_arg)
-        if x is None:
-            return p.unlabeled_like(node)
-        dim = mod.dim if mod.dim is not None else x.ndim - 1
-        for c in x.comps:
-            if dim % x.ndim in c.span:
-                p.store.freeze(c.lab, f"softmax over channels at {node.name}")
-        return TV(list(x.comps), x.shape, x.soft)
-    if isinstance(mod, nn.Flatten):
-        return o._reshape(p, node)
-    if isinstance(mod, o.SPATIAL_MODULES):
-        x = p.tv(x_arg)
-        return _along_dims(p, node, range(2, x.ndim) if x else [], "pooling") if x else \
-            p.unlabeled_like(node)
-    return o._unknown(p, node, f"module {type(mod).__name__}")
+
+def _first2(w: TV) -> TV:
+    """A conv weight (out, in, *kernel) seen as its (out, in) matrix."""
+    if w.param is None:
+        return TV([Comp(c.lab.reshape(c.lab.shape[:2]) if c.lab.ndim >= 2 else c.lab,
+                        tuple(d for d in c.span if d < 2), c.soft)
+                   for c in w.comps if c.lab.ndim >= 2 and all(
+                       s == 1 for s in c.lab.shape[2:])], w.shape[:2], w.soft)
+    name, perm = w.param
+    return _KernelView(name, perm, w.shape)
+
+
+class _KernelView(TV):
+    def __init__(self, name, perm, shape):
+        super().__init__([], tuple(shape[:2]), True, (name, tuple(perm[:2])))
+        self.full_shape = shape

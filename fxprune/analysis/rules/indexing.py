@@ -1,11 +1,11 @@
 """Op rules that move channels without computing with them: indexing, splitting, joining,
 (un)squeezing, expanding and repeating, and ops that shift positions along a dim (roll, pad,
-flip). Split out of :mod:`fxprune.analysis.rules.contraction`, whose ``RULES`` table includes these.
+flip).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -13,14 +13,17 @@ import torch.fx
 
 from fxprune.analysis import layout
 from fxprune.analysis.labels import Comp
-from fxprune.analysis.propagate import TV, Propagator, _align, _shape
+from fxprune.analysis.rules.common import arg, dims_arg, pointwise, unknown
+from fxprune.analysis.rules.movement import permute
+from fxprune.analysis.rules.registry import rule
+from fxprune.analysis.values import TV, align_ndim, shape_of
+from fxprune.ops import op_name
+
+if TYPE_CHECKING:
+    from fxprune.analysis.propagate import Propagator
 
 
-def _o():
-    from fxprune.analysis.rules import core as oprules
-    return oprules
-
-
+@rule("getitem", "index")
 def _getitem(p: Propagator, node) -> Any:
     src, idx = node.args[0], node.args[1]
     v = p.value(src)
@@ -52,7 +55,7 @@ def _getitem(p: Propagator, node) -> Any:
                     if dim in c.span:
                         p.store.freeze(c.lab, f"channels gathered by a run-time index at "
                                        f"{node.name}")
-                ishape = _shape(i) or ()
+                ishape = shape_of(i) or ()
                 comps = [layout.take_comp(c, dim, np.zeros(ishape, np.int64)) if dim not in
                          c.span else layout.take_comp(Comp(np.take(c.lab, [0], axis=dim), tuple(
                              d for d in c.span if d != dim), c.soft), dim,
@@ -77,7 +80,7 @@ def _getitem(p: Propagator, node) -> Any:
             comps = [layout.take_comp(c, dim, arr) for c in comps]
             shape[dim:dim + 1] = list(arr.shape)
             dim += arr.ndim
-    return TV([c for c in comps], _shape(node) or tuple(shape), v.soft)
+    return TV([c for c in comps], shape_of(node) or tuple(shape), v.soft)
 
 
 def _int_value(x):
@@ -93,11 +96,11 @@ def _split_like(p: Propagator, node, name) -> Any:
     if x is None or not isinstance(val, (list, tuple)):
         return p.unlabeled_like(node)
     if name == "unbind":
-        dim = _o()._arg(node, 1, "dim", 0) % x.ndim
+        dim = arg(node, 1, "dim", 0) % x.ndim
         return [TV([layout.take_comp(c, dim, i) for c in x.comps],
                    tuple(int(s) for s in val[i].shape), x.soft) for i in range(len(val))]
     dim_default = 0
-    dim = _o()._arg(node, 2, "dim", dim_default) % x.ndim
+    dim = arg(node, 2, "dim", dim_default) % x.ndim
     sizes = [int(t.shape[dim]) for t in val]
     out, start = [], 0
     for t, size in zip(val, sizes):
@@ -114,7 +117,7 @@ def _narrow_like(p: Propagator, node, name) -> Any:
     if name == "select":
         dim, index = node.args[1] % x.ndim, node.args[2]
         return TV([layout.take_comp(c, dim, int(index) % x.shape[dim]) for c in x.comps],
-                  _shape(node), x.soft)
+                  shape_of(node), x.soft)
     if name == "narrow":
         dim, start, length = node.args[1] % x.ndim, node.args[2], node.args[3]
         sl = slice(start, start + length)
@@ -126,22 +129,23 @@ def _narrow_like(p: Propagator, node, name) -> Any:
         for c in x.comps:
             if dim in c.span:
                 p.store.freeze(c.lab, f"channels sliced with run-time bounds at {node.name}")
-        return TV([c for c in x.comps if dim not in c.span], _shape(node), x.soft)
-    return TV([layout.take_comp(c, dim, sl) for c in x.comps], _shape(node), x.soft)
+        return TV([c for c in x.comps if dim not in c.span], shape_of(node), x.soft)
+    return TV([layout.take_comp(c, dim, sl) for c in x.comps], shape_of(node), x.soft)
 
 
+@rule("cat", "concat", "concatenate")
 def _cat(p: Propagator, node, stack=False) -> Any:
     tensors = node.args[0] if node.args else node.kwargs.get("tensors")
-    dim = _o()._arg(node, 1, "dim", 0)
-    out_shape = _shape(node)
+    dim = arg(node, 1, "dim", 0)
+    out_shape = shape_of(node)
     if isinstance(tensors, torch.fx.Node):  # one node holding the list, e.g. x.chunk(2)
         held, metas = p.value(tensors), tensors.meta.get("val")
         if not (isinstance(held, (list, tuple)) and isinstance(metas, (list, tuple))
                 and len(held) == len(metas)):
-            return _o()._unknown(p, node, "cat/stack of a value fxprune cannot see as a list")
+            return unknown(p, node, "cat/stack of a value fxprune cannot see as a list")
         vals = [v if isinstance(v, TV) else TV([], tuple(m.shape)) for v, m in zip(held, metas)]
     else:
-        vals = [p.tv(t) or TV([], _shape(t) or ()) for t in tensors]
+        vals = [p.tv(t) or TV([], shape_of(t) or ()) for t in tensors]
     if stack:
         vals = [TV([layout.unsqueeze_comp(c, dim % (v.ndim + 1)) for c in v.comps],
                    v.shape[:dim % (v.ndim + 1)] + (1,) + v.shape[dim % (v.ndim + 1):], v.soft)
@@ -175,48 +179,52 @@ def _bshape(c: Comp, v: TV):
     return tuple(v.shape[d] if d in c.span else 1 for d in range(v.ndim))
 
 
+@rule("unsqueeze")
 def _unsqueeze(p, node) -> Any:
     x = p.tv(node.args[0])
     if x is None:
         return p.unlabeled_like(node)
-    dim = _o()._arg(node, 1, "dim") % (x.ndim + 1)
-    return TV([layout.unsqueeze_comp(c, dim) for c in x.comps], _shape(node), x.soft, None)
+    dim = arg(node, 1, "dim") % (x.ndim + 1)
+    return TV([layout.unsqueeze_comp(c, dim) for c in x.comps], shape_of(node), x.soft, None)
 
 
+@rule("squeeze")
 def _squeeze(p, node) -> Any:
     x = p.tv(node.args[0])
     if x is None:
         return p.unlabeled_like(node)
-    dims = _o()._arg(node, 1, "dim")
+    dims = arg(node, 1, "dim")
     if dims is None:
         dims = [d for d, s in enumerate(x.shape) if s == 1]
     dims = [dims] if isinstance(dims, int) else list(dims)
     dims = [d % x.ndim for d in dims if x.shape[d % x.ndim] == 1]
-    return TV([layout.squeeze_comp(c, dims) for c in x.comps], _shape(node), x.soft, None)
+    return TV([layout.squeeze_comp(c, dims) for c in x.comps], shape_of(node), x.soft, None)
 
 
+@rule("expand", "expand_as", "broadcast_to")
 def _expand(p, node) -> Any:
     x = p.tv(node.args[0])
     if x is None:
         return p.unlabeled_like(node)
-    out = _align(x, len(_shape(node)))
-    return TV(out.comps, _shape(node), x.soft)
+    out = align_ndim(x, len(shape_of(node)))
+    return TV(out.comps, shape_of(node), x.soft)
 
 
+@rule("repeat")
 def _repeat(p, node) -> Any:
     x = p.tv(node.args[0])
     if x is None:
         return p.unlabeled_like(node)
-    reps = _o()._dims_arg(node.args[1:], 10**9)
-    out = _align(x, len(reps))
+    reps = dims_arg(node.args[1:], 10**9)
+    out = align_ndim(x, len(reps))
     comps = []
     for c in out.comps:
         tile = [r if d in c.span else 1 for d, r in enumerate(reps)]
         comps.append(Comp(np.tile(c.lab, tile), c.span, c.soft))
-    return TV(comps, _shape(node), x.soft)
+    return TV(comps, shape_of(node), x.soft)
 
 
-def _along_dims(p, node, dims, what) -> Any:
+def along_dims(p, node, dims, what) -> Any:
     x = p.tv(node.args[0])
     if x is None:
         return p.unlabeled_like(node)
@@ -224,67 +232,69 @@ def _along_dims(p, node, dims, what) -> Any:
     for c in x.comps:
         if set(c.span) & dims:
             p.store.freeze(c.lab, f"{what} along channels at {node.name}")
-    return TV([c for c in x.comps if not set(c.span) & dims], _shape(node), x.soft)
+    return TV([c for c in x.comps if not set(c.span) & dims], shape_of(node), x.soft)
 
 
+@rule("roll")
 def _roll(p, node) -> Any:
-    dims = _o()._arg(node, 2, "dims")
+    dims = arg(node, 2, "dims")
     dims = [dims] if isinstance(dims, int) else list(dims or [])
-    return _along_dims(p, node, dims or range(len(_shape(node))), "roll")
+    return along_dims(p, node, dims or range(len(shape_of(node))), "roll")
 
 
+@rule("pad")
 def _pad(p, node) -> Any:
-    pad = _o()._arg(node, 1, "pad")
-    nd = len(_shape(node))
+    pad = arg(node, 1, "pad")
+    nd = len(shape_of(node))
     dims = [nd - 1 - i // 2 for i in range(len(pad)) if not (isinstance(pad[i], int)
                                                           and pad[i] == 0)]
-    return _along_dims(p, node, dims, "padding")
+    return along_dims(p, node, dims, "padding")
 
 
+@rule("flip")
 def _flip(p, node) -> Any:
-    dims = _o()._arg(node, 1, "dims")
+    dims = arg(node, 1, "dims")
     dims = [dims] if isinstance(dims, int) else list(dims)
-    return _along_dims(p, node, dims, "flip")
+    return along_dims(p, node, dims, "flip")
 
 
+@rule("repeat_interleave")
 def _repeat_interleave(p, node) -> Any:
     """``x.repeat_interleave(r, dim)``: every position along ``dim`` repeated ``r`` times in
     place, as ``expand`` + ``reshape`` would (grouped-query attention's k/v heads)."""
     x = p.tv(node.args[0])
     if x is None:
         return p.unlabeled_like(node)
-    reps = _o()._arg(node, 1, "repeats")
-    dim = _o()._arg(node, 2, "dim")
+    reps = arg(node, 1, "repeats")
+    dim = arg(node, 2, "dim")
     if not isinstance(reps, int) or not isinstance(dim, int):
-        return _o()._unknown(p, node, "repeat_interleave with tensor repeats or without dim")
+        return unknown(p, node, "repeat_interleave with tensor repeats or without dim")
     dim %= x.ndim
     comps = [Comp(np.repeat(c.lab, reps, axis=dim), c.span, c.soft) if dim in c.span else c
              for c in x.comps]
-    return TV(comps, _shape(node), x.soft)
+    return TV(comps, shape_of(node), x.soft)
 
 
+@rule("getattr")
 def _getattr(p, node) -> Any:
     attr = node.args[1]
     if attr in ("T", "mT"):
-        return _o()._permute(p, node, "t")
-    return None if not isinstance(node.meta.get("val"), torch.Tensor) else _o()._pointwise(
+        return permute(p, node, "t")
+    return None if not isinstance(node.meta.get("val"), torch.Tensor) else pointwise(
         p, node)
 
 
-INDEX_RULES = {
-    "getitem": _getitem, "index": _getitem,
-    "unbind": lambda p, n: _split_like(p, n, "unbind"),
-    "split": lambda p, n: _split_like(p, n, "split"),
-    "split_with_sizes": lambda p, n: _split_like(p, n, "split"),
-    "chunk": lambda p, n: _split_like(p, n, "chunk"),
-    "tensor_split": lambda p, n: _split_like(p, n, "split"),
-    "select": lambda p, n: _narrow_like(p, n, "select"),
-    "narrow": lambda p, n: _narrow_like(p, n, "narrow"),
-    "slice": lambda p, n: _narrow_like(p, n, "slice"),
-    "cat": _cat, "concat": _cat, "concatenate": _cat,
-    "stack": lambda p, n: _cat(p, n, stack=True),
-    "unsqueeze": _unsqueeze, "squeeze": _squeeze,
-    "expand": _expand, "expand_as": _expand, "broadcast_to": _expand,
-    "repeat": _repeat, "repeat_interleave": _repeat_interleave,
-    "roll": _roll, "pad": _pad, "flip": _flip, "getattr": _getattr,
-}
+@rule("unbind", "split", "split_with_sizes", "chunk", "tensor_split")
+def _split_rule(p: Propagator, node) -> Any:
+    kind = {"unbind": "unbind", "chunk": "chunk"}.get(op_name(node), "split")
+    return _split_like(p, node, kind)
+
+
+@rule("select", "narrow", "slice")
+def _narrow_rule(p: Propagator, node) -> Any:
+    return _narrow_like(p, node, op_name(node))
+
+
+@rule("stack")
+def _stack(p: Propagator, node) -> Any:
+    return _cat(p, node, stack=True)
