@@ -56,7 +56,7 @@ class InsertIndicators(FxPass):
                                  hint="run insert-indicators once per graph")
 
     def run(self, gm: torch.fx.GraphModule) -> PassResult:
-        from fxprune.planning.oneshot import _units
+        from fxprune.planning.units import group_units
 
         out = gm if self.options.inplace else copy_graph_module(gm)
         analysis = get_analysis(out, self.name)
@@ -65,7 +65,7 @@ class InsertIndicators(FxPass):
         for g in analysis.groups:
             if not g.prunable:
                 continue
-            units = _units(g, np.zeros(g.layout.shape))
+            units = group_units(g, np.zeros(g.layout.shape))
             unit_of = {int(c): i for i, c in enumerate(units.channels.ravel())}
             ind = Indicator(g.index, units.channels, tau=self.options.tau,
                             similarity=self.options.similarity, sync=self.options.sync)
