@@ -47,6 +47,11 @@ class AnalysisError(FxPruneError):
     recorded as frozen groups)."""
 
 
+class DecomposeError(FxPruneError):
+    """A decompose pass met an input it does not support (raised with ``strict=True``; by
+    default the node is left alone and the reason recorded in ``PassResult.info["refused"]``)."""
+
+
 class PassOrderError(FxPruneError):
     """A pass was run before the pass it depends on."""
 

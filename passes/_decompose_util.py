@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch.fx.node import Node, map_aggregate, map_arg
 from torch.fx.proxy import Attribute, Proxy
 
-from fxprune.errors import FxPruneError, PassOrderError
+from fxprune.errors import DecomposeError, PassOrderError
 from fxprune.meta import DECOMPOSED_FROM_KEY
 
 __all__ = [
@@ -69,11 +69,6 @@ __all__ = [
 LINEAR_TARGETS = (F.linear,)
 
 #: Where a node produced by a decompose pass records the node it replaced.
-
-
-class DecomposeError(FxPruneError):
-    """A decompose pass met an input it does not support (raised with ``strict=True``; by
-    default the node is left alone and the reason recorded in ``PassResult.info["refused"]``)."""
 
 
 class InlineError(Exception):

@@ -23,6 +23,7 @@ from fxprune.amap.macs_model import MacsModel
 from fxprune.amap.search import SearchConfig, refine, refresh_similarity, search
 from fxprune.errors import InputError, PlanError
 from fxprune.models.reference import tiny_vit
+from fxprune.passbase import copy_graph_module
 from fxprune.passes.insert_indicators import (
     InsertIndicators,
     indicator_modules,
@@ -31,7 +32,6 @@ from fxprune.passes.insert_indicators import (
 from fxprune.passes.reweight import Reweight
 from fxprune.passes.slice import Slice
 from fxprune.pipeline import prepare
-from fxprune.planning.oneshot import _own_copy
 from fxprune.planning.units import group_units
 from zoo import ZOO
 
@@ -47,7 +47,7 @@ IMG = (3, 32, 32)
 
 def _prepared(model, x):
     """What ``search`` does before inserting indicators: trace, own copy, prepare, analyse."""
-    gm, _ = prepare(_own_copy(fxprune.trace(model, x)))
+    gm, _ = prepare(copy_graph_module(fxprune.trace(model, x)))
     return gm, fxprune.analyze(gm)
 
 
