@@ -147,13 +147,13 @@ def test_the_private_name_check_sees_every_kind_of_use(tmp_path):
     modules = _modules()
     src = tmp_path / "user.py"
     src.write_text("from fxprune.planning.criteria import _features\n"
-                   "from fxprune.passes._decompose_util import DecomposeError\n"
+                   "from fxprune.passes._support.inline import InlineResult\n"
                    "import fxprune.planning.criteria as c\n"
                    "from fxprune.planning import criteria\n"
                    "c._l1(1, [])\ncriteria._fill(None, [], [])\nobj._hidden\n")
     found = _private_uses("tests.user", src, modules, {"_hidden"})
     assert sorted(f.split(": ", 1)[1] for f in found) == [
         "._hidden (private to another module)",
-        "from fxprune.passes._decompose_util import DecomposeError",
+        "from fxprune.passes._support.inline import InlineResult",
         "from fxprune.planning.criteria import _features",
         "fxprune.planning.criteria._fill", "fxprune.planning.criteria._l1"]
