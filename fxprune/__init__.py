@@ -15,6 +15,7 @@ from fxprune.errors import (
     AnalysisError,
     FxPruneError,
     InputError,
+    MissingShapesError,
     PassOrderError,
     PlanError,
     SliceError,
@@ -23,8 +24,8 @@ from fxprune.errors import (
 from fxprune.tracing import trace
 
 __all__ = [
-    "AnalysisError", "FxPruneError", "InputError", "PassOrderError", "PlanError", "SliceError",
-    "TraceError", "trace", "prepare", "analyze", "count_macs", "prune",
+    "AnalysisError", "FxPruneError", "InputError", "MissingShapesError", "PassOrderError",
+    "PlanError", "SliceError", "TraceError", "trace", "prepare", "analyze", "count_macs", "prune",
 ]
 
 

@@ -56,6 +56,11 @@ class PassOrderError(FxPruneError):
     """A pass was run before the pass it depends on."""
 
 
+class MissingShapesError(PassOrderError, InputError):
+    """The graph carries no shape metadata (``node.meta["val"]``): it was not traced with
+    :func:`fxprune.trace`. Both a pass-order error (trace first) and bad input."""
+
+
 class PlanError(FxPruneError, ValueError):
     """A pruning plan (masks, kept counts, targets) is invalid for the analysed graph."""
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxprune.errors import InputError
+from fxprune.meta import has_shapes
 from fxprune.tracing import trace
 
 WHERE = "fxprune.count_macs"
@@ -263,12 +264,6 @@ def macs_by_node(gm: torch.fx.GraphModule, shape_of: ShapeFn | None = None) -> d
     return counts
 
 
-def _has_shapes(gm: torch.fx.GraphModule) -> bool:
-    # shape propagation records no value for ops returning None (torch._assert): skip unused
-    return all("val" in n.meta for n in gm.graph.nodes
-               if n.op == "placeholder" or (n.op != "output" and n.users))
-
-
 def count_macs(module: Any, example_inputs: Any = None) -> int:
     """Multiply-accumulates of one forward of ``module`` (matrix products only; see the
     module docstring).
@@ -289,7 +284,7 @@ def count_macs(module: Any, example_inputs: Any = None) -> int:
         raise InputError(WHERE, f"expected an nn.Module, GraphModule or ExportedProgram, got "
                          f"{type(module).__name__}", hint="pass the model object itself")
     if example_inputs is None:
-        if isinstance(module, torch.fx.GraphModule) and _has_shapes(module):
+        if isinstance(module, torch.fx.GraphModule) and has_shapes(module):
             return sum(macs_by_node(module).values())
         if is_exported and module.example_inputs is not None:
             example_inputs = module.example_inputs[0]

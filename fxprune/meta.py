@@ -18,6 +18,8 @@ from typing import Any
 
 import torch.fx
 
+from fxprune.errors import MissingShapesError
+
 PREFIX = "fxprune."
 
 # -- node.meta --------------------------------------------------------------------------
@@ -62,17 +64,24 @@ INDICATOR_GATE_PREFIX = "fxprune_indgate_"
 INDICATOR_PREFIX = "fxprune_indicator_"
 
 
+def traced_shape(node: Any) -> tuple[int, ...] | None:
+    """The concrete shape of ``node.meta["val"]``, the value fxprune.trace (or a pass's
+    refresh) propagated; None for a non-node, a non-tensor value or symbolic sizes."""
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    if not isinstance(val, torch.Tensor):
+        return None
+    try:
+        return tuple(int(s) for s in val.shape)
+    except Exception:  # noqa: BLE001 - symbolic sizes without a hint
+        return None
+
+
 def node_shape(node: torch.fx.Node) -> tuple[int, ...] | None:
     """The concrete shape of a tensor-valued node (None when it is not a tensor or unknown).
 
-    Reads the analysis' cached shape, else the ``val`` fxprune.trace propagated."""
+    Reads the analysis' cached shape, else :func:`traced_shape`."""
     shape = node.meta.get(SHAPE_KEY)
-    if shape is not None:
-        return shape
-    val = node.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        return tuple(int(s) for s in val.shape)
-    return None
+    return shape if shape is not None else traced_shape(node)
 
 
 def node_comps(node: torch.fx.Node) -> Any:
@@ -85,6 +94,37 @@ def input_shapes(gm: torch.fx.GraphModule) -> list[tuple[int, ...]]:
     return list(gm.meta.get(INPUT_SHAPES_KEY) or [])
 
 
+def missing_shape(gm: torch.fx.GraphModule, inputs_only: bool = False
+                  ) -> torch.fx.Node | None:
+    """The first node without a traced value (``node.meta["val"]``): a graph input, or (unless
+    ``inputs_only``) a node whose result is used (shape propagation records no value for ops
+    returning None, such as ``torch._assert``, which nothing uses). None when fxprune.trace
+    ran on ``gm``."""
+    for n in gm.graph.nodes:
+        if "val" not in n.meta and (n.op == "placeholder" or (
+                not inputs_only and n.op != "output" and n.users)):
+            return n
+    return None
+
+
 def has_shapes(gm: torch.fx.GraphModule) -> bool:
-    """True when every tensor-producing node carries a shape (fxprune.trace ran on it)."""
-    return any(isinstance(n.meta.get("val"), torch.Tensor) for n in gm.graph.nodes)
+    """True when every graph input and every used value carries a shape (fxprune.trace ran).
+
+    Example:
+        >>> import torch, fxprune
+        >>> m = torch.nn.Sequential(torch.nn.Linear(4, 2))
+        >>> has_shapes(fxprune.trace(m, torch.randn(3, 4))), has_shapes(torch.fx.symbolic_trace(m))
+        (True, False)
+    """
+    return missing_shape(gm) is None
+
+
+def require_shapes(where: str, gm: torch.fx.GraphModule) -> None:
+    """Raise :class:`~fxprune.errors.MissingShapesError` naming ``where`` and the first graph
+    input without a shape (what a pass or the analysis needs: it propagates or reads the
+    rest, and a rewrite leaves new nodes without values until it refreshes them)."""
+    node = missing_shape(gm, inputs_only=True)
+    if node is not None:
+        raise MissingShapesError(where, "the graph has no shape metadata (node.meta['val'])",
+                                 node=node, hint="run fxprune.trace(model, example_inputs) "
+                                 f"before {where}")

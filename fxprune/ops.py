@@ -89,3 +89,16 @@ def fetch_attr(root: torch.nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def attr_owner(root: torch.nn.Module, target: str) -> tuple[Any, str]:
+    """The object holding the attribute at a dotted path, and the attribute's own name (to
+    replace it with ``setattr``).
+
+    Example:
+        >>> owner, leaf = attr_owner(torch.nn.Sequential(torch.nn.Linear(2, 3)), "0.weight")
+        >>> type(owner).__name__, leaf
+        ('Linear', 'weight')
+    """
+    path, _, leaf = target.rpartition(".")
+    return (fetch_attr(root, path) if path else root), leaf

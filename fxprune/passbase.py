@@ -153,10 +153,3 @@ def copy_graph_module(gm: torch.fx.GraphModule, memo: dict | None = None
         new.meta[ANALYSIS_KEY] = analysis
     return new
 
-
-def tensor_shape(node: torch.fx.Node) -> tuple[int, ...] | None:
-    """The concrete shape recorded by :func:`fxprune.trace` for a tensor-valued node."""
-    val = node.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        return tuple(int(s) for s in val.shape)
-    return None

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from fxprune.errors import PlanError, SliceError
 from fxprune.meta import COMPS_KEY, SHAPE_KEY
+from fxprune.ops import attr_owner
 
 
 def label_keep(analysis, keep: dict[int, np.ndarray]) -> np.ndarray:
@@ -160,10 +161,7 @@ def plan_from_masks(masks: dict[str, np.ndarray]) -> dict[str, dict[int, torch.T
 
 
 def _set_attr(gm: nn.Module, name: str, value: torch.Tensor) -> None:
-    *path, leaf = name.split(".")
-    owner = gm
-    for p in path:
-        owner = getattr(owner, p)
+    owner, leaf = attr_owner(gm, name)
     old = getattr(owner, leaf)
     if isinstance(value, nn.Parameter):
         setattr(owner, leaf, value)
@@ -390,10 +388,7 @@ def apply_slice(gm: torch.fx.GraphModule, analysis, keep: dict[int, np.ndarray],
     masks = param_masks(analysis, lab_keep)
     aliases = getattr(analysis, "param_aliases", {}) or {}
     for name, mask in masks.items():
-        *path, leaf = name.split(".")
-        owner = gm
-        for p in path:
-            owner = getattr(owner, p)
+        owner, leaf = attr_owner(gm, name)
         tensor = getattr(owner, leaf)
         new = slice_tensor(tensor, mask)
         if isinstance(tensor, nn.Parameter):

@@ -60,10 +60,10 @@ import torch.fx
 import torch.nn.functional as F
 from torch.fx.node import Node
 
-from fxprune.meta import DECOMPOSED_FROM_KEY, LINEAR_KEY
+from fxprune.meta import DECOMPOSED_FROM_KEY, LINEAR_KEY, require_shapes, traced_shape
 from fxprune.passbase import FxPass, PassResult
 
-from ._support.fake_meta import copy_for_rewrite, refresh_meta, require_shapes
+from ._support.fake_meta import copy_for_rewrite, refresh_meta
 from ._support.linear_bias import linear_parts, normalize_linear_biases
 
 __all__ = ["DecomposeFunctionalLinear", "DecomposeFunctionalLinearOptions", "LINEAR_KEY"]
@@ -178,8 +178,8 @@ class DecomposeFunctionalLinear(FxPass):
                 skipped.append({"node": node.name, "reason": "the parameter is the left "
                                 "operand (x @ W.t() expected)"})
             return
-        out_features = int(_shape(w)[0]) if _shape(w) else None
-        bshape = _shape(bias) if isinstance(bias, Node) else None
+        out_features = int(traced_shape(w)[0]) if traced_shape(w) else None
+        bshape = traced_shape(bias) if isinstance(bias, Node) else None
         if bias is not None and (bshape is None or list(bshape) != [out_features]):
             skipped.append({"node": node.name, "reason": f"addmm bias of shape {bshape} is not "
                             f"a ({out_features},) vector"})
@@ -218,8 +218,8 @@ class DecomposeFunctionalLinear(FxPass):
             return False
         back = next(iter(node.users))
         unflat = _view_target(back)
-        xs, bs = _shape(x), _shape(back)
-        m = _shape(w)[0]
+        xs, bs = traced_shape(x), traced_shape(back)
+        m = traced_shape(w)[0]
         if unflat is None or xs is None or bs is None or list(bs) != list(xs[:-1]) + [m]:
             return False
         replaced, bias = back, None
@@ -228,7 +228,7 @@ class DecomposeFunctionalLinear(FxPass):
             other = add.args[1] if len(add.args) == 2 and add.args[0] is back else None
             if add.op == "call_function" and add.target in _ADD and not add.kwargs and \
                     isinstance(other, Node) and other.op == "get_attr" and \
-                    _shape(other) == (m,):
+                    traced_shape(other) == (m,):
                 replaced, bias = add, other
         with gm.graph.inserting_before(replaced):
             new = gm.graph.call_function(F.linear, (x, w, bias) if bias is not None else (x, w))
@@ -263,16 +263,6 @@ def _fn_name(target: Any) -> str:
     return getattr(target, "__name__", str(target))
 
 
-def _shape(node: Any) -> tuple[int, ...] | None:
-    val = node.meta.get("val") if isinstance(node, Node) else None
-    if isinstance(val, torch.Tensor):
-        try:
-            return tuple(int(s) for s in val.shape)
-        except Exception:  # noqa: BLE001 - symbolic sizes
-            return None
-    return None
-
-
 def _move(old: Node, new: Node) -> None:
     for k in ("nn_module_stack", "stack_trace", DECOMPOSED_FROM_KEY):
         if k in old.meta:
@@ -303,8 +293,8 @@ def _untransposed(node: Node) -> Node | None:
         elif node.target == "transpose" and len(node.args) == 3 \
                 and {node.args[1] % 2, node.args[2] % 2} == {0, 1}:
             src = node.args[0]
-    if isinstance(src, Node) and src.op == "get_attr" and _shape(src) is not None \
-            and len(_shape(src)) == 2:
+    if isinstance(src, Node) and src.op == "get_attr" and traced_shape(src) is not None \
+            and len(traced_shape(src)) == 2:
         return src
     return None
 
@@ -332,7 +322,7 @@ def _collapsible(mat1: Any, mm: Node, out_features: int | None
     x = flat[0]
     back = next(iter(mm.users))
     unflat = _view_target(back)
-    xs, ms, bs = _shape(x), _shape(mat1), _shape(back)
+    xs, ms, bs = traced_shape(x), traced_shape(mat1), traced_shape(back)
     if unflat is None or unflat[0] is not mm or xs is None or ms is None or bs is None:
         return None, None
     if len(xs) < 2 or len(ms) != 2 or ms[1] != xs[-1] or ms[0] != math.prod(xs[:-1]):
@@ -345,7 +335,7 @@ def _collapsible(mat1: Any, mm: Node, out_features: int | None
 def _param_slice(node: Node) -> tuple[str, int, int] | None:
     """``(name, start, stop)`` when ``node`` is a get_attr or a dim-0 slice of one."""
     if node.op == "get_attr":
-        s = _shape(node)
+        s = traced_shape(node)
         return (node.target, 0, s[0]) if s and len(s) == 1 else None
     src, rng = None, None
     if node.op == "call_function" and node.target is operator.getitem:
@@ -360,7 +350,7 @@ def _param_slice(node: Node) -> tuple[str, int, int] | None:
             src, rng = a[0], (a[2], a[3])
     if not isinstance(src, Node) or src.op != "get_attr" or rng is None:
         return None
-    s = _shape(src)
+    s = traced_shape(src)
     if not s or len(s) != 1:
         return None
     if any(isinstance(v, Node) for v in rng):
@@ -385,7 +375,7 @@ def _bias_pieces(bias: Any) -> Any:
             return "opaque"
         pieces, pos = [], 0
         for item in items:
-            s = _shape(item)
+            s = traced_shape(item)
             if not isinstance(item, Node) or not s or len(s) != 1:
                 return "opaque"
             ps = _param_slice(item)
@@ -423,14 +413,14 @@ def _broadcast_weight(node: Node) -> Node | None:
     """W when node is ``[view](expand(W.t(), (b, K, M)), (b, K, M))``."""
     v = _view_target(node)
     if v is not None:
-        if _shape(v[0]) != _shape(node):
+        if traced_shape(v[0]) != traced_shape(node):
             return None
         node = v[0]
     if not (node.op == "call_function" and node.target in _EXPAND and isinstance(node.args[0],
                                                                                     Node)):
         return None
     w = _untransposed(node.args[0])
-    s, ws = _shape(node), _shape(w) if w is not None else None
+    s, ws = traced_shape(node), traced_shape(w) if w is not None else None
     if w is None or s is None or len(s) != 3 or ws is None or tuple(s[1:]) != (ws[1], ws[0]):
         return None
     return w
@@ -443,9 +433,9 @@ def _flattened_input(node: Node) -> Node | None:
         return None
     x = v[0]
     if x.op == "call_function" and x.target in _EXPAND and isinstance(x.args[0], Node) and \
-            _shape(x.args[0]) == _shape(x):
+            traced_shape(x.args[0]) == traced_shape(x):
         x = x.args[0]
-    xs, ns = _shape(x), _shape(node)
+    xs, ns = traced_shape(x), traced_shape(node)
     if xs is None or ns is None or len(ns) != 3 or xs[-1] != ns[-1] or \
             math.prod(xs) != math.prod(ns):
         return None

@@ -64,9 +64,11 @@ from torch import nn
 from torch.fx.node import Node
 
 from fxprune.errors import DecomposeError
+from fxprune.meta import require_shapes
+from fxprune.ops import fetch_attr
 from fxprune.passbase import FxPass, PassResult
 
-from ._support.fake_meta import copy_for_rewrite, refresh_meta, require_shapes
+from ._support.fake_meta import copy_for_rewrite, refresh_meta
 from ._support.inline import inline_call, replace_node
 from ._support.worlds import InlineError, WorldSet
 
@@ -305,9 +307,8 @@ def _sites(gm: torch.fx.GraphModule) -> list[Node]:
 
 
 def _get(module: nn.Module, dotted: str) -> Any:
-    obj: Any = module
-    for part in dotted.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
+    """The attribute at ``dotted``, None where it or an object on the way is missing."""
+    try:
+        return fetch_attr(module, dotted)
+    except AttributeError:
+        return None

@@ -52,9 +52,10 @@ import torch.fx
 from torch.fx.node import Node
 
 from fxprune.errors import DecomposeError
+from fxprune.meta import require_shapes
 from fxprune.passbase import FxPass, PassResult
 
-from ._support.fake_meta import copy_for_rewrite, refresh_meta, require_shapes
+from ._support.fake_meta import copy_for_rewrite, refresh_meta
 from ._support.inline import inline_call, replace_node
 from ._support.linear_bias import normalize_linear_biases
 from ._support.worlds import InlineError, WorldSet

@@ -32,7 +32,7 @@ import torch
 import torch.fx
 
 from fxprune.analysis.layout import reshape_groups
-from fxprune.meta import ANALYSIS_KEY, INPUT_SHAPES_KEY, SHAPE_PROP_KEY
+from fxprune.meta import ANALYSIS_KEY, INPUT_SHAPES_KEY, SHAPE_PROP_KEY, traced_shape
 from fxprune.ops import op_name
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
 from fxprune.tracing import example_zeros, propagate_shapes
@@ -45,11 +45,6 @@ CHAIN_OPS = {"permute", "transpose", "contiguous"}
 class SplitFusedHeadsOptions:
     max_parts: int = 4
     inplace: bool = False
-
-
-def _shape(node):
-    val = node.meta.get("val")
-    return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
 
 
 def _perm_of(node, nd):
@@ -94,7 +89,7 @@ class SplitFusedHeads(FxPass):
 
     def _try(self, gm, view, changes, created=None, replaced=None) -> str | None:
         src = view.args[0]
-        in_shape, out_shape = _shape(src), _shape(view)
+        in_shape, out_shape = traced_shape(src), traced_shape(view)
         if not in_shape or not out_shape or not isinstance(src, torch.fx.Node):
             return "no match"
         try:
@@ -164,7 +159,7 @@ class SplitFusedHeads(FxPass):
         if len(users) == 1 and op_name(users[0], gm) == "unbind":
             unbind = users[0]
             dim = unbind.args[1] if len(unbind.args) > 1 else unbind.kwargs.get("dim", 0)
-            if dim % len(_shape(cur)) != p:
+            if dim % len(traced_shape(cur)) != p:
                 return None
             got = {}
             for u in unbind.users:

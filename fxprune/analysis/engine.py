@@ -31,7 +31,7 @@ from fxprune.analysis.head_order import resolve_subset_params, tie_interleaved_h
 from fxprune.analysis.labels import Components
 from fxprune.analysis.propagate import Propagator, RawSite, Sink
 from fxprune.errors import InputError
-from fxprune.meta import ANALYSIS_KEY, COMPS_KEY, INPUT_SHAPES_KEY
+from fxprune.meta import ANALYSIS_KEY, COMPS_KEY, INPUT_SHAPES_KEY, require_shapes
 from fxprune.ops import op_name
 from fxprune.passbase import require_meta
 
@@ -137,10 +137,7 @@ def analyze(gm: torch.fx.GraphModule) -> Analysis:
     if not isinstance(gm, torch.fx.GraphModule):
         raise InputError("fxprune.analyze", f"expected a GraphModule, got {type(gm).__name__}",
                          hint="call fxprune.trace(model, example_inputs) first")
-    for node in gm.graph.nodes:
-        if node.op == "placeholder" and "val" not in node.meta:
-            raise InputError("fxprune.analyze", "the graph has no shape metadata", node=node,
-                             hint="trace it with fxprune.trace(model, example_inputs)")
+    require_shapes("fxprune.analyze", gm)
     prop = Propagator(gm).run()
     comps = prop.store.finish()
     if prop.store.subset_params:
@@ -266,17 +263,7 @@ def _build_sites(gm, prop: Propagator, comps: Components, groups, group_of_chann
         if v_group is not None:
             proj = next((s.node for s in groups[v_group].sinks if s.kind in ("linear", "conv")),
                         None)
-        kind = "linear" if raw.fused and raw.qk_node is raw.av_node and not _is_sdpa(
-            raw.qk_node) else "softmax"
-        if kind == "softmax" and input_batch is not None:
-            qs = raw.q.meta["val"].shape if isinstance(raw.q, torch.fx.Node) else None
-            if qs is not None and len(qs) > 0 and int(qs[0]) != input_batch:
-                kind = "window"  # windows folded into the batch dim
-        if kind == "softmax" and raw.head_labels.size:
-            if param_channels[comps.channel_of(raw.head_labels.ravel())].any():
-                kind = "window"  # scores get a learned per-head (relative position) bias
-        if kind == "softmax" and not raw.head_labels.size and _learned_score_bias(gm, raw):
-            kind = "window"  # one head: no head labels to see the bias by, follow the graph
+        kind = _site_kind(gm, raw, comps, param_channels, input_batch)
         site = AttentionSite(len(sites), kind, int(num_heads), int(q_layout.shape[1]),
                              int(v_layout.shape[1]) if v_layout is not None else 0,
                              _scale(raw), raw.q, raw.k, raw.v, proj, raw.qk_node, raw.av_node,
@@ -296,6 +283,24 @@ def _build_sites(gm, prop: Propagator, comps: Components, groups, group_of_chann
     for g in groups:
         g.index = idx[id(g)]
     return sites
+
+
+def _site_kind(gm, raw: RawSite, comps: Components, param_channels: np.ndarray,
+               input_batch: int | None) -> str:
+    """``linear`` (q times k^T v), ``window`` (windows folded into the batch dim, or scores
+    with a learned per-head bias) or ``softmax``."""
+    if raw.fused and raw.qk_node is raw.av_node and not _is_sdpa(raw.qk_node):
+        return "linear"
+    if input_batch is not None:
+        qs = raw.q.meta["val"].shape if isinstance(raw.q, torch.fx.Node) else None
+        if qs is not None and len(qs) > 0 and int(qs[0]) != input_batch:
+            return "window"  # windows folded into the batch dim
+    if raw.head_labels.size:
+        if param_channels[comps.channel_of(raw.head_labels.ravel())].any():
+            return "window"  # scores get a learned per-head (relative position) bias
+    elif _learned_score_bias(gm, raw):
+        return "window"  # one head: no head labels to see the bias by, follow the graph
+    return "softmax"
 
 
 def _heads_used_across(raw: RawSite, comps: Components, group_of_channel,

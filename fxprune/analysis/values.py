@@ -22,7 +22,7 @@ import torch
 import torch.fx
 
 from fxprune.analysis.labels import Comp
-from fxprune.meta import SHAPE_KEY
+from fxprune.meta import SHAPE_KEY, traced_shape
 
 #: einsum-style letters the propagator names dims with
 LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -87,13 +87,13 @@ class RawSite:
 
 
 def shape_of(node) -> tuple[int, ...] | None:
+    """:func:`fxprune.meta.traced_shape`, cached in ``node.meta`` for the analysis."""
     if not isinstance(node, torch.fx.Node):
         return None
     cached = node.meta.get(SHAPE_KEY, False)
     if cached is not False:
         return cached
-    val = node.meta.get("val")
-    shape = tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
+    shape = traced_shape(node)
     node.meta[SHAPE_KEY] = shape
     return shape
 

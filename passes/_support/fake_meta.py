@@ -23,7 +23,8 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from fxprune.errors import DecomposeError, PassOrderError, first_line
+from fxprune.errors import DecomposeError, first_line
+from fxprune.meta import require_shapes
 
 
 def fake_tensor_type():
@@ -33,26 +34,10 @@ def fake_tensor_type():
     return FakeTensor
 
 
-def require_shapes(where: str, gm: torch.fx.GraphModule) -> None:
-    """Raise :class:`PassOrderError` unless every graph input carries ``meta["val"]``."""
-    for node in gm.graph.find_nodes(op="placeholder"):
-        if not isinstance(node.meta.get("val"), torch.Tensor):
-            raise PassOrderError(where, "the graph inputs have no shape metadata "
-                                 "(node.meta['val'])", node=node,
-                                 hint=f"run fxprune.trace(model, example_inputs) before {where}")
-
-
 def placeholder_values(gm: torch.fx.GraphModule, where: str) -> list[Any]:
-    """The ``meta["val"]`` of every graph input, in order (a typed error names an input
-    without one)."""
-    values = []
-    for node in gm.graph.find_nodes(op="placeholder"):
-        if "val" not in node.meta:
-            raise DecomposeError(where, "the graph input has no shape metadata (meta['val'])",
-                                 node=node, hint="trace the model with fxprune.trace(model, "
-                                 "example_inputs) before running this pass")
-        values.append(node.meta["val"])
-    return values
+    """The ``meta["val"]`` of every graph input, in order (see :func:`require_shapes`)."""
+    require_shapes(where, gm)
+    return [node.meta["val"] for node in gm.graph.find_nodes(op="placeholder")]
 
 
 def _existing_fake_mode(values: Iterable[Any]):
