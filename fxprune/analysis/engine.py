@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import math
 from typing import Any
 
@@ -34,6 +35,8 @@ from fxprune.errors import InputError
 from fxprune.meta import ANALYSIS_KEY, COMPS_KEY, INPUT_SHAPES_KEY, require_shapes
 from fxprune.ops import op_name
 from fxprune.passbase import require_meta
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -152,7 +155,22 @@ def analyze(gm: torch.fx.GraphModule) -> Analysis:
                         [(n.name, w) for n, w in prop.opaque], group_of_channel, graph,
                         prop.param_aliases)
     gm.meta[ANALYSIS_KEY] = analysis
+    if log.isEnabledFor(logging.DEBUG):
+        _log_decisions(analysis)
     return analysis
+
+
+def _log_decisions(analysis: Analysis) -> None:
+    """One debug record per attention site and per group: what was found and, for a frozen
+    group, why it stays dense."""
+    for s in analysis.attention:
+        log.debug("attention site %d: %s, %d heads, q.k at %s, groups qk=%s v=%s heads=%s",
+                  s.index, s.kind, s.num_heads, s.qk_node.name, s.qk_group, s.v_group,
+                  s.heads_group)
+    for g in analysis.groups:
+        log.debug("group %d: %s, %d x %d, contracted at %s; %s", g.index, g.kind,
+                  g.layout.shape[0], g.layout.shape[1], ", ".join(s.node.name for s in g.sinks)
+                  or "-", f"frozen: {g.frozen}" if g.frozen else "prunable")
 
 
 def get_analysis(gm: torch.fx.GraphModule, pass_name: str) -> Analysis:

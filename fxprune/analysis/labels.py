@@ -22,10 +22,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 import scipy.sparse
 import scipy.sparse.csgraph
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -75,11 +78,6 @@ class LabelStore:
         self._edges_a.append(a.ravel().copy())
         self._edges_b.append(b.ravel().copy())
 
-    def union_all(self, a: np.ndarray) -> None:
-        flat = a.ravel()
-        if flat.size > 1:
-            self.union(flat[:-1], flat[1:])
-
     def collapse(self, lab: np.ndarray, axis: int) -> np.ndarray:
         """Union every label along ``axis`` with the first one and drop the axis to size 1."""
         if lab.shape[axis] > 1:
@@ -117,7 +115,10 @@ class LabelStore:
         self._head_b.append(b.ravel().copy())
 
     def freeze(self, lab: np.ndarray, reason: str) -> None:
-        self.frozen.append((np.asarray(lab).ravel().copy(), reason))
+        """The channels of ``lab`` must stay, because of ``reason`` (their group is frozen)."""
+        lab = np.asarray(lab).ravel().copy()
+        log.debug("freeze %d channel labels: %s", lab.size, reason)
+        self.frozen.append((lab, reason))
 
     def mark(self, lab: np.ndarray, kind: str) -> None:
         self.kind_marks.append((np.asarray(lab).ravel().copy(), kind))

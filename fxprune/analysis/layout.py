@@ -175,10 +175,3 @@ def comp_to_letters(c: Comp, letters: str, out_letters: str) -> Comp:
         shape[out_letters.index(span_letters[k])] = c.lab.shape[c.span[k]]
     return Comp(lab.reshape(shape), tuple(sorted(out_letters.index(ch) for ch in span_letters)),
                 c.soft)
-
-
-def split_sizes(total: int, arg, dim_size: int | None = None) -> list[int]:
-    """Sizes produced by ``torch.split(x, arg)`` along a dim of length ``total``."""
-    if isinstance(arg, int):
-        return [min(arg, total - s) for s in range(0, total, arg)]
-    return [int(a) for a in arg]

@@ -2,7 +2,7 @@
 
 Subcommands::
 
-    fxprune analyze MODEL [--json] [--input-size H W]
+    fxprune analyze MODEL [--json] [--input-size H W] [-v]
     fxprune prune   MODEL [--macs-ratio 0.7] [--criterion similarity] [--align 8]
                           [--out pruned.pt2] [--json] [--input-size H W]
     fxprune demo
@@ -29,6 +29,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -154,9 +155,33 @@ def analysis_report(model: torch.nn.Module, x: Any) -> tuple[Any, int, list | No
     return fxprune.analyze(gm), macs, prepared
 
 
+class _debug_log:
+    """With ``on``: debug records of the ``fxprune`` loggers on stderr while inside (the
+    level and handlers are restored after, so a process calling :func:`main` twice is not
+    left logging)."""
+
+    def __init__(self, on: bool):
+        self.on = on
+        self.logger = logging.getLogger("fxprune")
+        self.handler = logging.StreamHandler(sys.stderr)
+        self.handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+
+    def __enter__(self):
+        if self.on:
+            self.level = self.logger.level
+            self.logger.addHandler(self.handler)
+            self.logger.setLevel(logging.DEBUG)
+
+    def __exit__(self, *exc):
+        if self.on:
+            self.logger.removeHandler(self.handler)
+            self.logger.setLevel(self.level)
+
+
 def cmd_analyze(args) -> int:
     model, x = _load(args)
-    analysis, macs, prepared = analysis_report(model, x)
+    with _debug_log(getattr(args, "verbose", False)):
+        analysis, macs, prepared = analysis_report(model, x)
     if args.json:
         d = analysis.to_dict()
         out = {"model": args.model,
@@ -401,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "attention sites, channel groups (with the reason of any frozen group) "
                        "and the dense MACs.")
     _add_model_args(p)
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="log the analysis deciding to stderr: each rule that fires, each "
+                   "freeze with its reason, each site and group found")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("prune", parents=[common], help="one-shot structured pruning",

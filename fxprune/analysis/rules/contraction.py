@@ -24,10 +24,6 @@ if TYPE_CHECKING:
     from fxprune.analysis.propagate import Propagator
 
 
-def _tensor_args(node):
-    return [a for a in node.args if isinstance(a, torch.fx.Node)]
-
-
 # -- contractions -------------------------------------------------------------------------
 def _matmul_letters(na: int, nb: int):
     nbatch = max(na, nb) - 2 if min(na, nb) >= 2 else max(na, nb) - (1 if min(na, nb) == 1 else 2)
