@@ -609,7 +609,7 @@ def test_ddp_two_ranks_end_with_identical_masks(tmp_path):
                                                        [env.get("PYTHONPATH")] if p])
     env.setdefault("OMP_NUM_THREADS", "1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           str(ROOT / "tests" / "ddp_search_worker.py"), str(tmp_path)]
+           str(ROOT / "tests" / "support" / "ddp_search_worker.py"), str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
