@@ -1,9 +1,11 @@
 # fxprune: two commands on a fresh machine.
 #   make test   set up .venv (torch + torchvision + timm + dev tools) and run the test suite
 #   make demo   set up .venv and run the demo job
-# The torch/torchvision pin is the set known to load together here (DESIGN.md section 9):
-# the machine's pip prefers a local CPU-only torch wheel that the registry's torchvision cannot
-# load against, so this install ignores the local wheel directory and pip's config file.
+# The torch/torchvision pin is a set that loads together: torchvision 0.28.0 from the registry
+# is built against the registry's torch 2.13.0 and fails against a CPU-only torch build
+# ("operator torchvision::nms does not exist"). Where pip is configured to prefer a local
+# CPU-only torch wheel (the wheel directory named by PIP_FIND_LINKS and by pip's config file),
+# this install sets both aside.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -24,7 +26,7 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	  || { echo >&2 ""; \
 	       echo >&2 "fxprune set-up FAILED: 'import timm' does not work in $(VENV)."; \
 	       echo >&2 "Most likely torchvision was built against another torch ('operator torchvision::nms does not exist')."; \
-	       echo >&2 "Fix: rm -rf $(VENV) and run make again; the install must ignore PIP_FIND_LINKS and pip.conf (see DESIGN.md section 9)."; \
+	       echo >&2 "Fix: rm -rf $(VENV) and run make again; the install must ignore PIP_FIND_LINKS and pip.conf (a local CPU-only torch wheel breaks torchvision)."; \
 	       exit 1; }
 	@touch $(STAMP)
 

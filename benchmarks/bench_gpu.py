@@ -88,7 +88,7 @@ from _env import cpu_name, dist_version, git_revision  # noqa: E402
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "gpu.json"
 DEFAULT_MODELS = ["deit_base_patch16_224", "swin_base_patch4_window7_224"]
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-# ToaSt's reported DeiT results (DESIGN.md section 8): MACs, top-1, speed-up on H100, batch 128
+# ToaSt's reported DeiT results (the ToaSt paper): MACs, top-1, speed-up on H100, batch 128
 TOAST_PAPER = {
     "deit_small_patch16_224": {"gmacs": 2.9, "top1": 80.77, "speedup": 1.95},
     "deit_base_patch16_224": {"gmacs": 10.4, "top1": 82.87, "speedup": 1.52},

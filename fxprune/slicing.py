@@ -147,7 +147,7 @@ def param_masks(analysis, lab_keep: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def plan_from_masks(masks: dict[str, np.ndarray]) -> dict[str, dict[int, torch.Tensor]]:
-    """DESIGN.md section 3 plan: parameter name -> {dim: kept indices}."""
+    """The public plan (``gm.meta["fxprune.plan"]``): parameter name -> {dim: kept indices}."""
     plan = {}
     for name, mask in masks.items():
         dims = {}

@@ -4,7 +4,8 @@ Reads binary gates (from ``insert-gates`` + ``sync-head-ranks``) or an explicit 
 ``{group index: bool (heads, size)}``, removes the gates, slices every coupled parameter
 (Linear rows and columns, biases, convs, position embeddings, per-head bias tables) and
 rewrites the graph's constants (view/reshape sizes, split sizes, slice bounds; SDPA gets its
-original scale). The result carries ``gm.meta["fxprune.plan"]`` (DESIGN.md section 3).
+original scale). The result carries ``gm.meta["fxprune.plan"]`` (parameter name ->
+{dim: kept indices}).
 
 Graph before and after (a fused qkv whose v part lost half its channels)::
 

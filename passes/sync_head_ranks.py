@@ -1,6 +1,6 @@
 """``sync-head-ranks``: binary gates with the same kept count in every head of a group.
 
-AMAP's multi-head synchronisation (DESIGN.md section 6): scores are sorted inside each head,
+AMAP's multi-head synchronisation: scores are sorted inside each head,
 averaged across heads rank by rank, and the number of ranks whose averaged score reaches the
 threshold is the kept count of every head; each head then keeps its own top channels.
 

@@ -769,7 +769,7 @@ def _expect_qk_frozen(word):
 
 def _expect_interleaved(a):
     """Head h holds the projection rows d * 4 + h. Heads inside the per-head index can only
-    be sliced when every head keeps the same d (fxprune/head_order.py): channel d is one
+    be sliced when every head keeps the same d (fxprune/analysis/head_order.py): channel d is one
     channel in all heads."""
     s = _only_site(a, 4, 8, 8)
     for gi in (s.qk_group, s.v_group):
@@ -903,7 +903,7 @@ class _InterleavedMin(nn.Module):
 def test_interleaved_head_layout_is_exact():
     """Was wrong (rel err 1.6e-2 .. 5e-2): slicing keeps rows in ascending order, so after
     reshape(B, N, D', H) heads that kept different d swapped channels. Now every head keeps
-    the same d (fxprune/head_order.py)."""
+    the same d (fxprune/analysis/head_order.py)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model, x = _InterleavedMin().eval(), torch.randn(2, 16, 16)
@@ -1008,8 +1008,8 @@ def test_whole_heads_with_other_head_consumers(name):
 
 @pytest.mark.xfail(strict=True, reason=(
     "per-head projections written as einsums with (C, H, D) / (H, D, C) parameters: the site "
-    "is found with num_heads=1 and no proj (factor_param in fxprune/propagate.py gives the "
-    "weight's H and D dims independent labels, so q carries a head comp and a channel comp "
+    "is found with num_heads=1 and no proj (factor_param in fxprune/analysis/propagate.py gives "
+    "the weight's H and D dims independent labels, so q carries a head comp and a channel comp "
     "shared by every head); pruning stays exact (the same d in every head), the site is "
     "wrong"))
 def test_einsum_head_parameters_site_has_its_heads():
@@ -1020,7 +1020,7 @@ def test_einsum_head_parameters_site_has_its_heads():
 def test_per_head_parameter_does_not_merge_the_channels_of_a_head():
     """q times a per-head parameter (1, H, 1, 1) made all 8 channels of a head one channel
     (the parameter was unioned with every label it broadcasts over), so the planner could only
-    remove whole q/k heads (PlanError). It now joins the heads (fxprune/head_order.py)."""
+    remove whole q/k heads (PlanError). It now joins the heads (fxprune/analysis/head_order.py)."""
     model, x = VARIANTS["head_temperature"]()
     a = _analysis(model, x)
     qk = a.groups[a.attention[0].qk_group]

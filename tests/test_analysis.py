@@ -40,8 +40,8 @@ SLOW_GET_ATTR_PARAMS = pytest.mark.xfail(
     reason="fxprune.analyze takes ~50 s on torchvision vit_b_16 and ~20 s on swin_t after the "
     "decompose passes (timm models: < 0.5 s): parameters read by get_attr get one label per "
     "element (Propagator.run forces the lazy full-shape param comps when it writes "
-    "node.meta['fxprune.comps']), and analysis._build_sites runs np.unique over all parameter "
-    "labels (tens of millions of entries)")
+    "node.meta['fxprune.comps']), and the site building (fxprune/analysis/engine.py) runs "
+    "np.unique over all parameter labels (tens of millions of entries)")
 
 TIME_BUDGET_S = 5.0  # trace (+ decompose pass) + analyze of one real model; ~0.5 s is typical
 

@@ -1,5 +1,6 @@
 """Graph-level tests of the pruning passes: ``insert-gates``, ``sync-head-ranks``, ``slice``,
-``split-fused-heads`` (xDSL / FileCheck style, DESIGN.md sections 3, 5 and 11).
+``split-fused-heads`` (xDSL / FileCheck style: the graph before and after, the numerics, and
+a case each pass must refuse).
 
 Each pass: the graph before and after (op counts, specific nodes and their args, ``CHECK``
 lines in order on ``gm.code``), the numerics (gates at 1 are bit-identical; gated with binary
@@ -573,8 +574,9 @@ def test_slice_v_only_keeps_default_sdpa_scale():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("name", sorted(ENTRIES))
 def test_slice_gated_equals_sliced(name, seed):
-    """DESIGN.md section 5 invariant on random binary patterns; the plan zeroed in the
-    original model reproduces the sliced outputs (section 3); the result lints and recompiles."""
+    """Gated model with binary gates == sliced model, on random binary patterns; the plan
+    zeroed in the original model reproduces the sliced outputs; the result lints and
+    recompiles."""
     model, x, gm, analysis = prepared(name)
     masks = random_masks(analysis, np.random.default_rng(seed))
     assert masks, "nothing to prune"

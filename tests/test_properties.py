@@ -5,7 +5,7 @@ wrong.
     frozen q/k groups and which heads share their channels (grouped-query attention, the
     interleaved head layout; layout rows) found equal the generator's truth;
 (b) ``fxprune.prune`` at a random ``macs_ratio`` either returns a model equal to the zeroed
-    original (DESIGN.md section 3) whose MACs are at or below target (unless it warned that the
+    original (``docs/guarantees.md``) whose MACs are at or below target (unless it warned that the
     unfrozen groups cannot get there), or raises a typed ``FxPruneError``;
 (c) gated == sliced for random binary masks with equal per-head counts;
 (d) ``fxprune.count_macs`` equals an independent ``FlopCounterMode`` count.

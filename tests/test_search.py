@@ -1,4 +1,4 @@
-"""AMAP search and refine (issue 4; DESIGN.md section 6): indicators, straight-through
+"""AMAP search and refine: indicators, straight-through
 gradients, head synchronisation, similarity weights, the differentiable MACs model, search,
 refine, bad input, and a 2-process DistributedDataParallel run.
 

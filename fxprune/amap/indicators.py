@@ -1,4 +1,4 @@
-"""AMAP pruning indicators (DESIGN.md section 6; paper section 3.1, eq. 1-4 and 7).
+"""AMAP pruning indicators (paper section 3.1, eq. 1-4 and 7).
 
 One :class:`Indicator` per prunable group holds the learnable pruning score ``m`` (one per
 unit: a channel of a head, or a channel shared by every head). The convention is the paper's

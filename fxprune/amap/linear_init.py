@@ -1,5 +1,5 @@
 """AMAP's data-driven indicator initialization for linear attention (paper section 3.3,
-eq. 5-6; DESIGN.md section 6).
+eq. 5-6).
 
 Linear attention computes ``Q K^T V`` as ``(K^T V)`` first, and per head it is a sum over the
 q/k channels ``i`` of ``Q_i K_i^T V`` (eq. 5). A channel matters when its term alone is close

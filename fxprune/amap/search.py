@@ -1,4 +1,4 @@
-"""AMAP search and refine (paper section 3 and appendix A; DESIGN.md section 6).
+"""AMAP search and refine (paper section 3 and appendix A).
 
 ``search`` traces and analyses the model, puts a learnable indicator on every prunable group
 (:mod:`fxprune.passes.insert_indicators`) and trains weights and indicators together with the

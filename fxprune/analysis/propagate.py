@@ -246,7 +246,7 @@ class Propagator:
                 if c.soft and set(c.span) < set(o.span):
                     # a parameter broadcast over some of the channel dims: shared across
                     # heads (couples channels) or per head (one value per head), which is
-                    # only known once the heads are (fxprune/head_order.py)
+                    # only known once the heads are (fxprune/analysis/head_order.py)
                     self.store.subset_params.append((o.lab, c.lab, o.span, c.span))
                     merged = True
                     break

@@ -2,7 +2,8 @@
 
 Part 1: traces timm DeiT-S (random weights: nothing is downloaded), prints its analysis,
 prunes it one-shot to 70% of its MACs, prints the per-layer table, checks the pruned model
-against the zeroed original (DESIGN.md section 3) and measures the CPU speed-up.
+against the original with the plan's entries zeroed (``docs/guarantees.md``) and
+measures the CPU speed-up.
 
 Part 2 (:mod:`fxprune.app.amap_demo`): the AMAP job on real data: a small ViT trained on
 scikit-learn's digits, searched to 50% MACs, refined and sliced, with accuracy, MACs, kept

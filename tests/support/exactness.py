@@ -1,7 +1,7 @@
 """Shared checks for the central invariants (used by several test files).
 
 * ``zeroed_original``: the ORIGINAL model with the plan's not-kept entries set to zero, the
-  check anyone can run on a pruned model without trusting fxprune (DESIGN.md section 3).
+  check anyone can run on a pruned model without trusting fxprune (``docs/guarantees.md``).
 * ``gated_and_sliced``: the same binary masks applied as gates and as slicing.
 """
 
