@@ -27,11 +27,12 @@ import numpy as np
 import torch
 import torch.fx
 
+from fxprune.analysis.fingerprint import check_current, graph_fingerprint
 from fxprune.analysis.head_order import resolve_subset_params, tie_interleaved_heads
 from fxprune.analysis.labels import Components
 from fxprune.analysis.propagate import Propagator, RawSite, Sink
 from fxprune.errors import InputError
-from fxprune.meta import ANALYSIS_KEY, COMPS_KEY, INPUT_SHAPES_KEY
+from fxprune.meta import ANALYSIS_FINGERPRINT_KEY, ANALYSIS_KEY, COMPS_KEY, INPUT_SHAPES_KEY
 from fxprune.ops import op_name
 from fxprune.passbase import require_meta
 
@@ -99,6 +100,7 @@ class Analysis:
     group_of_channel: np.ndarray
     coupling_graph: nx.Graph
     param_aliases: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    fingerprint: str = ""          # of the graph it describes (analysis/fingerprint.py)
 
     def __str__(self) -> str:
         from fxprune.app.report import analysis_table
@@ -153,14 +155,18 @@ def analyze(gm: torch.fx.GraphModule) -> Analysis:
     _add_members(gm, groups, comps, group_of_channel)
     analysis = Analysis(sites, groups, comps, prop.param_comps, prop.param_shapes,
                         [(n.name, w) for n, w in prop.opaque], group_of_channel, graph,
-                        prop.param_aliases)
+                        prop.param_aliases, graph_fingerprint(gm))
     gm.meta[ANALYSIS_KEY] = analysis
+    gm.meta[ANALYSIS_FINGERPRINT_KEY] = analysis.fingerprint
     return analysis
 
 
 def get_analysis(gm: torch.fx.GraphModule, pass_name: str) -> Analysis:
-    """The analysis attached to ``gm`` or a :class:`PassOrderError` naming ``fxprune.analyze``."""
-    return require_meta(pass_name, gm, ANALYSIS_KEY, "fxprune.analyze")
+    """The analysis attached to ``gm`` or a :class:`PassOrderError` naming ``fxprune.analyze``
+    (also when the graph changed after the analysis was computed)."""
+    analysis = require_meta(pass_name, gm, ANALYSIS_KEY, "fxprune.analyze")
+    check_current(gm, pass_name)
+    return analysis
 
 
 def _layout(comp_lab: np.ndarray, span, comps: Components) -> np.ndarray:
