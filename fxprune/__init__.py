@@ -24,7 +24,7 @@ from fxprune.tracing import trace
 
 __all__ = [
     "AnalysisError", "FxPruneError", "InputError", "PassOrderError", "PlanError", "SliceError",
-    "TraceError", "trace", "analyze", "count_macs", "prune",
+    "TraceError", "trace", "analyze", "count_macs", "prune", "Plan", "apply_plan", "save", "load",
 ]
 
 
@@ -38,6 +38,12 @@ def __getattr__(name):  # lazy: keep `import fxprune` cheap and free of import c
     if name == "prune":
         from fxprune.planning.oneshot import prune
         return prune
+    if name in ("Plan", "apply_plan"):
+        from fxprune.planning import plan
+        return getattr(plan, name)
+    if name in ("save", "load"):
+        from fxprune import serialization
+        return getattr(serialization, name)
     if name == "Analysis":
         from fxprune.analysis.engine import Analysis
         return Analysis

@@ -32,7 +32,7 @@ import torch.fx
 import torch.nn as nn
 
 from fxprune.errors import InputError, PlanError
-from fxprune.meta import SLICED_KEY
+from fxprune.meta import PLAN_DATA_KEY, SLICED_KEY
 
 WHERE = "fxprune.amap.search"
 
@@ -300,6 +300,8 @@ def refine(result: SearchResult, train_loader, epochs: int = 30, *, reweight: bo
     elif reweight:
         analyze(model)
         model = Reweight()(model).graph_module
+        if PLAN_DATA_KEY in model.meta:  # apply_plan re-adds the modules the weights fill
+            model.meta[PLAN_DATA_KEY].after.append("reweight")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     total = max(1, epochs * len(train_loader))

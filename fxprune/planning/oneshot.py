@@ -32,15 +32,18 @@ from fxprune.analysis.engine import analyze
 from fxprune.errors import InputError, PlanError
 from fxprune.macs import count_macs, node_macs
 from fxprune.meta import (
+    ANALYSIS_FINGERPRINT_KEY,
     ANALYSIS_KEY,
     CRITERION_KEY,
     DENSE_MACS_KEY,
     MACS_RATIO_KEY,
+    PLAN_DATA_KEY,
     PLAN_KEY,
     SHAPE_KEY,
     SUMMARY_KEY,
 )
 from fxprune.planning.criteria import CRITERIA, channel_scores
+from fxprune.planning.plan import Plan
 from fxprune.slicing import new_shape
 from fxprune.tracing import trace
 
@@ -410,6 +413,11 @@ def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simi
     pruned.meta[DENSE_MACS_KEY] = dense
     pruned.meta[CRITERION_KEY] = criterion
     pruned.meta[SUMMARY_KEY] = _summary(analysis, masks)
+    if PLAN_DATA_KEY not in pruned.meta:  # nothing was sliced: an empty plan
+        shapes = {n: list(t.shape) for n, t in pruned.state_dict().items()}
+        pruned.meta[PLAN_DATA_KEY] = Plan.from_slice(gm, analysis, {}, {}, shapes)
+    pruned.meta[PLAN_DATA_KEY].info.update(macs_ratio=round(reached, 4), dense_macs=int(dense),
+                                           criterion=criterion, align=align)
     if reached > float(macs_ratio) + 0.02:
         warnings.warn(f"fxprune.prune: reached macs_ratio {reached:.3f}, above the target "
                       f"{macs_ratio} (the unfrozen groups cannot go lower at align={align}); "
@@ -461,6 +469,7 @@ def _dense_copy(gm):
 
     out = copy.deepcopy(gm)
     out.meta.pop(ANALYSIS_KEY, None)
+    out.meta.pop(ANALYSIS_FINGERPRINT_KEY, None)
     out.meta[PLAN_KEY] = {}
     return out
 
