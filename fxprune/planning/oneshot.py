@@ -310,7 +310,7 @@ class PrunePlan:
 def plan(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "similarity",
          align: int = 8, seed: int = 0, prepare: bool = True,
          dense_sites: tuple[int, ...] = (), heads: str = "channels",
-         match_qk_v: bool | None = None) -> PrunePlan:
+         match_qk_v: bool | None = None, keep_dense: tuple[str, ...] = ()) -> PrunePlan:
     """Decide what to prune without slicing (see :func:`prune` for the arguments).
 
     Example:
@@ -321,11 +321,11 @@ def plan(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simil
         ['mlp', 'qk', 'v']
     """
     return _plan(model, example_inputs, macs_ratio, criterion, align, seed, prepare,
-                 dense_sites, heads, match_qk_v)
+                 dense_sites, heads, match_qk_v, keep_dense=keep_dense)
 
 
 def _plan(model, example_inputs, macs_ratio, criterion, align, seed, prepare, dense_sites,
-          heads, match_qk_v, share_params: bool = False) -> PrunePlan:
+          heads, match_qk_v, share_params: bool = False, keep_dense=()) -> PrunePlan:
     """:func:`plan`; with ``share_params`` the returned graph's modules are its own but its
     parameters and buffers are still the model's (:func:`prune` slices, then copies only the
     ones slicing did not replace: see :func:`_own_tensors`)."""
@@ -339,9 +339,10 @@ def _plan(model, example_inputs, macs_ratio, criterion, align, seed, prepare, de
         gm, _ = run_prepare(gm)
     analysis = analyze(gm)
     dense = count_macs(gm)
-    keep_dense = {gi for i in dense_sites if 0 <= i < len(analysis.attention)
-                  for gi in (analysis.attention[i].qk_group, analysis.attention[i].v_group)}
-    prunable = [g for g in analysis.groups if g.prunable and g.index not in keep_dense]
+    dense_groups = {gi for i in dense_sites if 0 <= i < len(analysis.attention)
+                    for gi in (analysis.attention[i].qk_group, analysis.attention[i].v_group)}
+    dense_groups |= groups_of_params(analysis, keep_dense)
+    prunable = [g for g in analysis.groups if g.prunable and g.index not in dense_groups]
     if not prunable:
         reasons = sorted({g.frozen for g in analysis.groups if g.frozen})
         raise PlanError(WHERE, "the analysis found no prunable channel group"
@@ -371,7 +372,8 @@ def _plan(model, example_inputs, macs_ratio, criterion, align, seed, prepare, de
 def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "similarity",
           align: int = 8, seed: int = 0, prepare: bool = True,
           dense_sites: tuple[int, ...] = (), heads: str = "channels",
-          match_qk_v: bool | None = None) -> torch.fx.GraphModule:
+          match_qk_v: bool | None = None, keep_dense: tuple[str, ...] = ()
+          ) -> torch.fx.GraphModule:
     """One-shot structured pruning of ``model`` to ``macs_ratio`` of its MACs.
 
     ``criterion`` is ``"similarity"`` (AMAP eq. 1-3 with weight magnitude), ``"l1"``,
@@ -383,6 +385,8 @@ def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simi
     same head dim; by default it does so where the graph calls SDPA, whose fast CPU/GPU kernels
     need equal head dims (with different ones it falls back to a slower path and a pruned model
     can be slower than the dense one); ``False`` lets Q/K and V keep different head dims.
+    ``keep_dense`` holds parameter-name globs (``"blocks.0.*"``): every group coupled to a
+    matching parameter stays dense.
     Returns a smaller ``torch.fx.GraphModule``; ``pruned.meta["fxprune.plan"]`` maps every
     sliced parameter of the ORIGINAL model to ``{dim: kept indices}``, and
     ``pruned.meta["fxprune.macs_ratio"]`` is the ratio reached. Frozen groups stay dense. When
@@ -401,7 +405,7 @@ def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simi
     # the plan's graph shares the model's parameters: copying them all up front would be
     # wasted on the pruned ones, which slicing replaces; the others are copied after it
     decided = _plan(model, example_inputs, macs_ratio, criterion, align, seed, prepare,
-                    dense_sites, heads, match_qk_v, share_params=True)
+                    dense_sites, heads, match_qk_v, share_params=True, keep_dense=keep_dense)
     gm, analysis, masks, dense = (decided.graph_module, decided.analysis, decided.masks,
                                   decided.dense_macs)
     model_storages = _storages(gm)
@@ -423,6 +427,30 @@ def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simi
                       f"{macs_ratio} (the unfrozen groups cannot go lower at align={align}); "
                       "frozen groups stay dense", stacklevel=2)
     return pruned
+
+
+def groups_of_params(analysis, patterns) -> set[int]:
+    """Indices of the groups whose channels reach a parameter matching one of the globs.
+
+    Example:
+        >>> import torch, fxprune
+        >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
+        >>> a = fxprune.analyze(fxprune.trace(m, torch.randn(2, 4)))
+        >>> groups_of_params(a, ["2.*"]), groups_of_params(a, ["nothing*"])
+        ({0}, set())
+    """
+    import fnmatch
+
+    patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+    found: set[int] = set()
+    comps = analysis.components
+    for name, entries in analysis.param_comps.items():
+        if not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            continue
+        for c in entries:
+            gs = analysis.group_of_channel[comps.channel_of(np.asarray(c.lab).ravel())]
+            found.update(int(g) for g in np.unique(gs) if g >= 0)
+    return found
 
 
 def _own_copy(gm, share_params: bool = False):

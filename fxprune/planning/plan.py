@@ -66,6 +66,7 @@ class Plan:
     sites: list[dict[str, Any]]
     inputs: list[dict[str, Any]]
     prepare: bool = False
+    training: bool = False          # the mode the model was traced in (eval: False)
     after: list[str] = dataclasses.field(default_factory=list)
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
     versions: dict[str, str] = dataclasses.field(default_factory=_versions)
@@ -93,7 +94,7 @@ class Plan:
         params = {name: {int(d): [int(i) for i in kept.tolist()] for d, kept in dims.items()}
                   for name, dims in param_plan.items()}
         return cls(params, param_shapes, groups, sites, inputs,
-                   prepare=bool(gm.meta.get(PREPARED_KEY)))
+                   prepare=bool(gm.meta.get(PREPARED_KEY)), training=bool(gm.training))
 
     # -- plain data ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -103,7 +104,7 @@ class Plan:
 
     def to_json(self, indent: int | None = None) -> str:
         """The plan as JSON text (``Plan.from_json`` reads it back)."""
-        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+        return json.dumps(self.to_dict(), indent=indent)  # model order: first mismatch first
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
@@ -206,7 +207,14 @@ def apply_plan(model, plan: Plan, example_inputs=None) -> torch.fx.GraphModule:
                          hint="read one with fxprune.Plan.from_json(text)")
     check_model(model, plan)
     inputs = plan.example_inputs() if example_inputs is None else example_inputs
-    gm = _own_copy(trace(model, inputs))
+    was_training = getattr(model, "training", None)
+    if isinstance(model, torch.nn.Module):  # modes trace to different graphs (dropout, ...)
+        model.train(plan.training)
+    try:
+        gm = _own_copy(trace(model, inputs))
+    finally:
+        if isinstance(model, torch.nn.Module):
+            model.train(was_training)
     if plan.prepare:
         gm, _ = prepare(gm)
     analysis = analyze(gm)
