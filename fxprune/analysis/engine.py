@@ -29,6 +29,7 @@ import torch.fx
 
 from fxprune.analysis.fingerprint import check_current, graph_fingerprint
 from fxprune.analysis.head_order import resolve_subset_params, tie_interleaved_heads
+from fxprune.analysis.inputs import graph_to_analyze, warn_opaque
 from fxprune.analysis.labels import Components
 from fxprune.analysis.propagate import Propagator, RawSite, Sink
 from fxprune.errors import InputError
@@ -101,6 +102,8 @@ class Analysis:
     coupling_graph: nx.Graph
     param_aliases: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     fingerprint: str = ""          # of the graph it describes (analysis/fingerprint.py)
+    unprepared: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    graph_module: Any = None       # the graph analysed, where analyze traced it itself
 
     def __str__(self) -> str:
         from fxprune.app.report import analysis_table
@@ -120,14 +123,19 @@ class Analysis:
                         "size": g.size, "site": g.site, "frozen": g.frozen,
                         "members": len(g.members)} for g in self.groups],
             "opaque": [{"node": n, "what": w} for n, w in self.opaque],
+            "unprepared_attention": [{"node": n, "what": w} for n, w in self.unprepared],
         }
 
 
-def analyze(gm: torch.fx.GraphModule) -> Analysis:
+def analyze(gm, example_inputs=None, *, prepare: bool = True) -> Analysis:
     """Find attention sites and channel groups of a traced graph.
 
     Writes ``node.meta["fxprune.comps"]`` on every node and ``gm.meta["fxprune.analysis"]``;
-    does not change the graph.
+    does not change the graph. Given a model (``nn.Module``, ``ExportedProgram``, or any of
+    them with ``example_inputs``) it traces and, with ``prepare``, runs the preparation passes
+    first; the graph it analysed is ``analysis.graph_module``. On an unprepared graph,
+    attention it cannot see into (``nn.MultiheadAttention``, torchvision's window attention)
+    is named in a warning and in ``analysis.unprepared``.
 
     Example:
         >>> import torch, fxprune
@@ -136,9 +144,11 @@ def analyze(gm: torch.fx.GraphModule) -> Analysis:
         >>> [(g.kind, g.size, g.frozen is None) for g in fxprune.analyze(gm).groups]
         [('mlp', 8, True)]
     """
-    if not isinstance(gm, torch.fx.GraphModule):
+    if not isinstance(gm, (torch.nn.Module, getattr(torch.export, "ExportedProgram", ()))):
         raise InputError("fxprune.analyze", f"expected a GraphModule, got {type(gm).__name__}",
                          hint="call fxprune.trace(model, example_inputs) first")
+    built = example_inputs is not None or not isinstance(gm, torch.fx.GraphModule)
+    gm = graph_to_analyze(gm, example_inputs, prepare)
     for node in gm.graph.nodes:
         if node.op == "placeholder" and "val" not in node.meta:
             raise InputError("fxprune.analyze", "the graph has no shape metadata", node=node,
@@ -156,6 +166,9 @@ def analyze(gm: torch.fx.GraphModule) -> Analysis:
     analysis = Analysis(sites, groups, comps, prop.param_comps, prop.param_shapes,
                         [(n.name, w) for n, w in prop.opaque], group_of_channel, graph,
                         prop.param_aliases, graph_fingerprint(gm))
+    analysis.unprepared = warn_opaque(gm)
+    if built:
+        analysis.graph_module = gm
     gm.meta[ANALYSIS_KEY] = analysis
     gm.meta[ANALYSIS_FINGERPRINT_KEY] = analysis.fingerprint
     return analysis
