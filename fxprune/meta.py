@@ -39,6 +39,9 @@ INPUT_SHAPES_KEY = "fxprune.input_shapes"
 #: True once fxprune.pipeline.prepare ran on the graph (a Plan re-runs it when applied)
 PREPARED_KEY = "fxprune.prepared"
 INPUT_DTYPES_KEY = "fxprune.input_dtypes"
+#: calls a decompose pass inlined with the traced sizes as constants (the graph then runs at
+#: the traced input size only; "batch free" where the batch size stays dynamic)
+FIXED_SIZES_KEY = "fxprune.fixed_sizes"
 #: the Analysis of this graph (written by fxprune.analyze)
 ANALYSIS_KEY = "fxprune.analysis"
 #: fingerprint of the graph the analysis describes (fxprune.analysis.fingerprint)

@@ -36,6 +36,8 @@ from fxprune.meta import (
     ANALYSIS_KEY,
     CRITERION_KEY,
     DENSE_MACS_KEY,
+    FIXED_SIZES_KEY,
+    INPUT_SHAPES_KEY,
     MACS_RATIO_KEY,
     PLAN_DATA_KEY,
     PLAN_KEY,
@@ -422,11 +424,30 @@ def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simi
         pruned.meta[PLAN_DATA_KEY] = Plan.from_slice(gm, analysis, {}, {}, shapes)
     pruned.meta[PLAN_DATA_KEY].info.update(macs_ratio=round(reached, 4), dense_macs=int(dense),
                                            criterion=criterion, align=align)
+    _note_fixed_sizes(gm, pruned)
     if reached > float(macs_ratio) + 0.02:
         warnings.warn(f"fxprune.prune: reached macs_ratio {reached:.3f}, above the target "
                       f"{macs_ratio} (the unfrozen groups cannot go lower at align={align}); "
                       "frozen groups stay dense", stacklevel=2)
     return pruned
+
+
+def _note_fixed_sizes(prepared, pruned) -> None:
+    """Say so (warning, meta, plan) when preparation inlined attention with the traced sizes:
+    the pruned model then runs at the traced input size only, whatever the dense model took."""
+    fixed = prepared.meta.get(FIXED_SIZES_KEY) or pruned.meta.get(FIXED_SIZES_KEY)
+    if not fixed:
+        return
+    pruned.meta[FIXED_SIZES_KEY] = list(fixed)
+    pruned.meta[PLAN_DATA_KEY].info["fixed_sizes"] = list(fixed)
+    shapes = pruned.meta.get(INPUT_SHAPES_KEY) or []
+    batch_free = all("batch free" in f for f in fixed)
+    warnings.warn(f"fxprune.prune: the pruned model runs at the traced input size only "
+                  f"({', '.join(str(tuple(s)[1:]) for s in shapes)} after the batch dim"
+                  f"{'; any batch size' if batch_free else ', and the traced batch size'}): "
+                  f"{len(fixed)} opaque call(s) were decomposed with the traced sizes as "
+                  f"constants ({', '.join(fixed[:2])}{', ...' if len(fixed) > 2 else ''}); "
+                  "prune at the resolution you deploy at", stacklevel=3)
 
 
 def groups_of_params(analysis, patterns) -> set[int]:
