@@ -45,7 +45,7 @@ import torch
 from fxprune.meta import SLICED_KEY
 
 
-def _interleaved_ms(models: dict, x: torch.Tensor, rounds: int) -> dict[str, float]:
+def interleaved_ms(models: dict, x: torch.Tensor, rounds: int) -> dict[str, float]:
     """Median ms per forward of every model, timed alternately (order rotated each round) so
     that load from other processes hits all of them alike."""
     names = list(models)
@@ -222,7 +222,7 @@ def _run(out_dir, seed, dense_epochs, epochs, macs_ratio, rounds, verbose) -> di
     xb = data.x_test[:256]
     if len(xb) < 256:
         xb = torch.cat([xb] * (256 // len(xb) + 1))[:256]
-    ms = _interleaved_ms({"dense": dense.eval(), "pruned": pruned.eval()}, xb, rounds)
+    ms = interleaved_ms({"dense": dense.eval(), "pruned": pruned.eval()}, xb, rounds)
     speedup = ms["dense"] / ms["pruned"]
     say(f"\nCPU, batch 256, {torch.get_num_threads()} threads, median of {rounds} interleaved "
         f"runs: dense {ms['dense']:.2f} ms, pruned {ms['pruned']:.2f} ms -> {speedup:.2f}x "
