@@ -57,7 +57,8 @@ def test_factory_may_return_module_graph_module_or_exported_program(capsys, fact
     assert rc == 0, err
     d = json.loads(out)
     assert d["macs_pruned"] <= 0.5 * d["macs_dense"] and d["warnings"] == []
-    assert [(r["param"], r["kept"], r["of"] or 32) for r in d["plan"]][0][1:] == (16, 32)
+    first = d["plan"][0]  # fc1's rows: half of the 32 hidden units kept
+    assert first["kept"] == 16 and first["of"] in (32, None)  # an ExportedProgram has no shapes
 
 
 def test_json_lists_warnings(capsys):

@@ -16,10 +16,10 @@ Example:
     >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
     >>> gm = fxprune.trace(m, torch.randn(2, 4)); _ = fxprune.analyze(gm)
     >>> check_current(gm, "slice")       # unchanged: fine
-    >>> relu = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "1")
-    >>> with gm.graph.inserting_after(relu):
-    ...     neg = gm.graph.call_function(torch.neg, (relu,))
-    >>> _ = relu.replace_all_uses_with(neg, delete_user_cb=lambda u: u is not neg)
+    >>> act = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "1")
+    >>> with gm.graph.inserting_after(act):
+    ...     neg = gm.graph.call_function(torch.neg, (act,))
+    >>> _ = act.replace_all_uses_with(neg, delete_user_cb=lambda u: u is not neg)
     >>> check_current(gm, "slice")
     Traceback (most recent call last):
     ...
