@@ -197,9 +197,9 @@ def apply_plan(model, plan: Plan, example_inputs=None) -> torch.fx.GraphModule:
     match the plan raises :class:`PlanError` naming the first mismatching parameter.
     """
     from fxprune.analysis.engine import analyze
+    from fxprune.passbase import copy_graph_module
     from fxprune.passes.slice import Slice
     from fxprune.pipeline import prepare
-    from fxprune.planning.oneshot import _own_copy
     from fxprune.tracing import trace
 
     if not isinstance(plan, Plan):
@@ -211,7 +211,7 @@ def apply_plan(model, plan: Plan, example_inputs=None) -> torch.fx.GraphModule:
     if isinstance(model, torch.nn.Module):  # modes trace to different graphs (dropout, ...)
         model.train(plan.training)
     try:
-        gm = _own_copy(trace(model, inputs))
+        gm = copy_graph_module(trace(model, inputs))
     finally:
         if isinstance(model, torch.nn.Module):
             model.train(was_training)
