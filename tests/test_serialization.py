@@ -123,3 +123,25 @@ def test_program_and_onnx_real_models(case, tmp_path, one_thread):
         torch.testing.assert_close(program(xb), want, rtol=1e-4, atol=1e-5)
         got = session.run(None, {session.get_inputs()[0].name: xb.numpy()})[0]
         torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-3, atol=1e-4)
+
+
+def test_refined_model_with_reweight_round_trips(tmp_path):
+    """refine's reweight modules are part of the plan (``after``): loading from a factory
+    re-slices, re-adds them, and the saved weights fill them."""
+    import warnings
+
+    from fxprune.amap.search import refine, search
+
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(4))
+    loader = [(x[:8], y[:8]), (x[8:], y[8:])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = search(_factory("tiny_vit")(), loader, x[:1], macs_ratio=0.6, epochs=4,
+                     indicator_lr=0.2, progress=False)
+        model, _ = refine(res, loader, epochs=1)
+    assert res.masks and model.meta["fxprune.plan_data"].after == ["reweight"]
+    fxprune.save(model, tmp_path, x[:1], program=False)
+    again = fxprune.load(tmp_path, model_factory=_factory("tiny_vit"))
+    assert again.code == model.code
+    assert torch.equal(again(x[:2]), model.eval()(x[:2]))
