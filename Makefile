@@ -21,7 +21,7 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(PY) -m pip install --quiet --upgrade pip
 	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(PY) -m pip install --quiet $(TORCH_SET)
-	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(PY) -m pip install --quiet -e '.[dev]' $(TORCH_SET)
+	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(PY) -m pip install --quiet -e '.[dev,export]' $(TORCH_SET)
 	@$(PY) -c "import torch, torchvision, timm; print('environment ok: torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)" \
 	  || { echo >&2 ""; \
 	       echo >&2 "fxprune set-up FAILED: 'import timm' does not work in $(VENV)."; \

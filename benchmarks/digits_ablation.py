@@ -189,8 +189,10 @@ def train_dense(data, seed: int, epochs: int, factory=None) -> nn.Module:
 
 def search_config(args, seed: int) -> SearchConfig:
     """``SearchConfig`` for ``args.macs_ratio``, ``args.epochs`` and ``args.indicator_lr``."""
+    # align=1, unpaired q/k and v: these ablations compare accuracy at equal MACs on heads of
+    # 8-16 channels (the figures in RESULTS.md were taken so); speed is bench_amap_speed.py's
     cfg = SearchConfig(macs_ratio=args.macs_ratio, epochs=args.epochs, seed=seed,
-                       progress=False)
+                       progress=False, align=1, match_qk_v=False)
     if args.indicator_lr:
         cfg = dataclasses.replace(cfg, indicator_lr=args.indicator_lr)
     return cfg

@@ -26,6 +26,7 @@ from fxprune.tracing import trace
 __all__ = [
     "AnalysisError", "FxPruneError", "InputError", "MissingShapesError", "PassOrderError",
     "PlanError", "SliceError", "TraceError", "trace", "prepare", "analyze", "count_macs", "prune",
+    "Plan", "apply_plan", "save", "load",
 ]
 
 
@@ -42,6 +43,12 @@ def __getattr__(name):  # lazy: keep `import fxprune` cheap and free of import c
     if name == "prune":
         from fxprune.planning.oneshot import prune
         return prune
+    if name in ("Plan", "apply_plan"):
+        from fxprune.planning import plan
+        return getattr(plan, name)
+    if name in ("save", "load"):
+        from fxprune import serialization
+        return getattr(serialization, name)
     if name == "Analysis":
         from fxprune.analysis.engine import Analysis
         return Analysis

@@ -38,15 +38,24 @@ SHAPE_PROP_KEY = "fxprune.shape_prop"
 #: what fxprune.trace was given ("module", "graph_module", "exported_program", ...)
 TRACED_FROM_KEY = "fxprune.traced_from"
 INPUT_SHAPES_KEY = "fxprune.input_shapes"
+#: True once fxprune.pipeline.prepare ran on the graph (a Plan re-runs it when applied)
+PREPARED_KEY = "fxprune.prepared"
 INPUT_DTYPES_KEY = "fxprune.input_dtypes"
+#: calls a decompose pass inlined with the traced sizes as constants (the graph then runs at
+#: the traced input size only; "batch free" where the batch size stays dynamic)
+FIXED_SIZES_KEY = "fxprune.fixed_sizes"
 #: the Analysis of this graph (written by fxprune.analyze)
 ANALYSIS_KEY = "fxprune.analysis"
+#: fingerprint of the graph the analysis describes (fxprune.analysis.fingerprint)
+ANALYSIS_FINGERPRINT_KEY = "fxprune.analysis_fingerprint"
 #: gate modules inserted by insert-gates, by group
 GATES_KEY = "fxprune.gates"
 #: indicator modules inserted by insert-indicators, by group
 INDICATORS_KEY = "fxprune.indicators"
 #: on a pruned model: original parameter name -> {dim: kept indices}
 PLAN_KEY = "fxprune.plan"
+#: on a sliced model: the fxprune.Plan (plain data, JSON, re-applicable to a fresh model)
+PLAN_DATA_KEY = "fxprune.plan_data"
 MACS_RATIO_KEY = "fxprune.macs_ratio"
 DENSE_MACS_KEY = "fxprune.dense_macs"
 CRITERION_KEY = "fxprune.criterion"

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch.fx
 
+from fxprune.meta import PREPARED_KEY
+
 
 def default_passes() -> list:
     """The preparation passes, in order (instances of :class:`fxprune.passbase.FxPass`).
@@ -36,4 +38,5 @@ def prepare(gm: torch.fx.GraphModule, passes: list | None = None
         result = p(gm)
         gm = result.graph_module
         log.append((p.name, result.modified))
+    gm.meta[PREPARED_KEY] = True
     return gm, log

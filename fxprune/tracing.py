@@ -314,6 +314,9 @@ def trace(model: Any, example_inputs: Any) -> torch.fx.GraphModule:
         _strip_export_guards(gm)
         source = "ExportedProgram"
     elif isinstance(model, torch.fx.GraphModule):
+        from fxprune.analysis.inputs import check_not_lifted
+
+        check_not_lifted(model, WHERE)  # an ExportedProgram's graph_module: say what to pass
         gm = copy.deepcopy(model)
         source = "GraphModule"
     elif isinstance(model, torch.nn.Module):

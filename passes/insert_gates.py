@@ -31,6 +31,7 @@ import torch.fx
 
 from fxprune.amap.gates import ChannelGate, GateValues
 from fxprune.analysis.engine import get_analysis
+from fxprune.analysis.fingerprint import keep_analysis_current
 from fxprune.errors import PassOrderError
 from fxprune.meta import COMPS_KEY, GATE_PREFIX, GATES_KEY, SHAPE_KEY
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
@@ -71,6 +72,7 @@ class InsertGates(FxPass):
             changes += [f"gate on group {g.index} ({g.kind}) before {n}" for _, n in names]
         out.meta[GATES_KEY] = gates
         out.recompile()
+        keep_analysis_current(out)  # gates in front of the sinks: the analysis still holds
         return PassResult(out, bool(gates), changes, {"gates": gates})
 
 

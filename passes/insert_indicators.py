@@ -29,6 +29,7 @@ import torch.fx
 
 from fxprune.amap.indicators import Indicator, IndicatorGate
 from fxprune.analysis.engine import get_analysis
+from fxprune.analysis.fingerprint import keep_analysis_current
 from fxprune.errors import PassOrderError
 from fxprune.meta import INDICATOR_GATE_PREFIX, INDICATOR_PREFIX, INDICATORS_KEY
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
@@ -78,6 +79,7 @@ class InsertIndicators(FxPass):
             changes += [f"indicator of group {g.index} ({g.kind}) before {n}" for _, n in names]
         out.meta[INDICATORS_KEY] = indicators
         out.recompile()
+        keep_analysis_current(out)  # gates in front of the sinks: the analysis still holds
         return PassResult(out, bool(indicators), changes,
                           {"indicators": indicators, "sites": n_sites})
 

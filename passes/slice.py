@@ -33,6 +33,7 @@ import torch.fx
 from fxprune.analysis.engine import get_analysis
 from fxprune.errors import InputError, PlanError, SliceError
 from fxprune.meta import (
+    ANALYSIS_FINGERPRINT_KEY,
     ANALYSIS_KEY,
     COMPS_KEY,
     GATE_PREFIX,
@@ -41,10 +42,12 @@ from fxprune.meta import (
     INDICATOR_PREFIX,
     INDICATORS_KEY,
     INPUT_SHAPES_KEY,
+    PLAN_DATA_KEY,
     PLAN_KEY,
     SHAPE_KEY,
 )
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
+from fxprune.planning.plan import Plan
 from fxprune.slicing import apply_slice
 from fxprune.tracing import example_zeros, propagate_shapes
 
@@ -88,13 +91,16 @@ class Slice(FxPass):
                 keep[group] = (values > 0.5).cpu().numpy()
         _validate(analysis, keep, self.name)
         changes = _remove_gates(out)
+        shapes = {n: list(t.shape) for n, t in out.state_dict().items()}
         plan = apply_slice(out, analysis, keep, changes)
+        out.meta[PLAN_DATA_KEY] = Plan.from_slice(out, analysis, keep, plan, shapes)
         out.graph.eliminate_dead_code()
         out.graph.lint()
         if not (plan or changes):  # else ensures() recompiles (once)
             out.recompile()
         out.meta[PLAN_KEY] = plan
         out.meta.pop(ANALYSIS_KEY, None)
+        out.meta.pop(ANALYSIS_FINGERPRINT_KEY, None)
         out.meta.pop(GATES_KEY, None)
         shapes = out.meta.get(INPUT_SHAPES_KEY)
         for node in out.graph.nodes:

@@ -32,7 +32,13 @@ import torch
 import torch.fx
 
 from fxprune.analysis.layout import reshape_groups
-from fxprune.meta import ANALYSIS_KEY, INPUT_SHAPES_KEY, SHAPE_PROP_KEY, traced_shape
+from fxprune.meta import (
+    ANALYSIS_FINGERPRINT_KEY,
+    ANALYSIS_KEY,
+    INPUT_SHAPES_KEY,
+    SHAPE_PROP_KEY,
+    traced_shape,
+)
 from fxprune.ops import op_name
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
 from fxprune.tracing import example_zeros, propagate_shapes
@@ -80,6 +86,7 @@ class SplitFusedHeads(FxPass):
                 refused.append((node.name, reason))
         if changes:
             out.meta.pop(ANALYSIS_KEY, None)  # it describes the old graph
+            out.meta.pop(ANALYSIS_FINGERPRINT_KEY, None)
             out.graph.eliminate_dead_code()  # ensures() recompiles
             shapes = out.meta.get(INPUT_SHAPES_KEY)
             if shapes and not local_meta_values(out, created, replaced):

@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from fxprune.analysis.engine import get_analysis
 from fxprune.errors import PlanError
-from fxprune.meta import ANALYSIS_KEY, SHAPE_KEY
+from fxprune.meta import ANALYSIS_FINGERPRINT_KEY, ANALYSIS_KEY, SHAPE_KEY
 from fxprune.ops import ACT_MODULES, POINTWISE, op_name
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
 
@@ -192,6 +192,7 @@ class TokenChannelSelection(FxPass):
         out.graph.lint()
         out.recompile()
         out.meta.pop(ANALYSIS_KEY, None)
+        out.meta.pop(ANALYSIS_FINGERPRINT_KEY, None)
         return PassResult(out, count > 0, changes, {"rewritten": count, "refused": refused})
 
 

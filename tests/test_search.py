@@ -471,6 +471,24 @@ def test_search_config_defaults_follow_appendix_a():
     assert cfg.similarity and cfg.sync
 
 
+def test_search_masks_are_aligned_and_paired_for_sdpa(searched):
+    """Defaults: every kept count per head is a multiple of 8 (or the whole head) and q/k and
+    v of an SDPA site keep the same head dim, so the sliced model stays on SDPA's fused
+    kernels; refine slices exactly these masks (gated == sliced above)."""
+    result, _, _ = searched
+    assert result.config.align == 8 and result.config.match_qk_v is None
+    assert result.masks
+    for g, mask in result.masks.items():
+        group = result.analysis.groups[g]
+        counts = set(mask.reshape(group.layout.shape).sum(axis=1).tolist())
+        assert len(counts) == 1 and counts.pop() % 8 == 0, (g, group.kind)
+    for site in result.analysis.attention:
+        assert site.uses_sdpa
+        dims = [int(result.masks[g].sum(axis=1).max()) if g in result.masks
+                else result.analysis.groups[g].size for g in (site.qk_group, site.v_group)]
+        assert dims[0] == dims[1], (site.index, dims)
+
+
 def test_synchronised_search_keeps_at_least_one_unit_per_head():
     loader, x = _loader()
     torch.manual_seed(0)
@@ -488,7 +506,7 @@ def test_refine_adds_reweight_when_qk_keeps_one_channel_per_head():
     loader, x = _loader()
     torch.manual_seed(0)
     result = search(tiny_vit(), loader, x[:1], macs_ratio=0.5, epochs=12, indicator_lr=0.2,
-                    progress=False)
+                    progress=False, align=1, match_qk_v=False)  # unaligned: head dims of 1
     qk = [g for g in result.masks if result.analysis.groups[g].kind == "qk"]
     assert qk and all(result.masks[g].reshape(result.analysis.groups[g].layout.shape)
                       .sum(axis=1).tolist() == [1, 1, 1] for g in qk)  # the case in point

@@ -32,7 +32,7 @@ import torch.fx
 import torch.nn as nn
 
 from fxprune.errors import InputError, PlanError
-from fxprune.meta import SLICED_KEY
+from fxprune.meta import PLAN_DATA_KEY, SLICED_KEY
 
 WHERE = "fxprune.amap.search"
 
@@ -59,6 +59,8 @@ class SearchConfig:
     seed: int = 0
     progress: bool = True
     max_steps: int | None = None
+    align: int = 8                  # kept counts per head rounded to multiples (fast kernels)
+    match_qk_v: bool | None = None  # equal q/k and v head dims: None = where SDPA runs
 
 
 @dataclasses.dataclass
@@ -106,14 +108,11 @@ def refresh_similarity(gm, analysis, indicators) -> None:
 def search(model, train_loader, example_inputs, config: SearchConfig | None = None, *,
            eval_loader=None, loss_fn=None, **overrides) -> SearchResult:
     """Train indicators and weights together to ``macs_ratio`` (see the module docstring)."""
+    from fxprune.amap.deploy import deployable_masks, pin_indicators, unit_keep
     from fxprune.amap.macs_model import MacsModel
     from fxprune.analysis.engine import analyze
     from fxprune.passbase import copy_graph_module
-    from fxprune.passes.insert_indicators import (
-        InsertIndicators,
-        indicator_modules,
-        masks_from_indicators,
-    )
+    from fxprune.passes.insert_indicators import InsertIndicators, indicator_modules
     from fxprune.pipeline import prepare
     from fxprune.tracing import trace
 
@@ -207,9 +206,13 @@ def search(model, train_loader, example_inputs, config: SearchConfig | None = No
     if bar is not None:
         bar.close()
     gated.eval()
-    masks = masks_from_indicators(gated, analysis)
+    # the searched counts, rounded to align and paired for SDPA (fxprune/amap/deploy.py)
+    masks = deployable_masks(analysis, indicators, macs_model.units, config.align,
+                             config.match_qk_v)
+    final_keep = unit_keep(masks, analysis, macs_model.units)
+    pin_indicators(indicators, final_keep)  # the gated model computes what gets sliced
     with torch.no_grad():
-        final = float(macs_model({g: ind.keep() for g, ind in indicators.items()}))
+        final = float(macs_model(final_keep))
     return SearchResult(gated, analysis, masks, history, config, final / macs_model.dense,
                         init_report)
 
@@ -300,6 +303,8 @@ def refine(result: SearchResult, train_loader, epochs: int = 30, *, reweight: bo
     elif reweight:
         analyze(model)
         model = Reweight()(model).graph_module
+        if PLAN_DATA_KEY in model.meta:  # apply_plan re-adds the modules the weights fill
+            model.meta[PLAN_DATA_KEY].after.append("reweight")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     total = max(1, epochs * len(train_loader))

@@ -28,11 +28,19 @@ import numpy as np
 import torch
 import torch.fx
 
+from fxprune.analysis.fingerprint import check_current, graph_fingerprint
 from fxprune.analysis.head_order import resolve_subset_params, tie_interleaved_heads
+from fxprune.analysis.inputs import graph_to_analyze, warn_opaque
 from fxprune.analysis.labels import Components
 from fxprune.analysis.propagate import Propagator, RawSite, Sink
 from fxprune.errors import InputError
-from fxprune.meta import ANALYSIS_KEY, COMPS_KEY, INPUT_SHAPES_KEY, require_shapes
+from fxprune.meta import (
+    ANALYSIS_FINGERPRINT_KEY,
+    ANALYSIS_KEY,
+    COMPS_KEY,
+    INPUT_SHAPES_KEY,
+    require_shapes,
+)
 from fxprune.ops import op_name
 from fxprune.passbase import require_meta
 
@@ -102,6 +110,9 @@ class Analysis:
     group_of_channel: np.ndarray
     coupling_graph: nx.Graph
     param_aliases: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    fingerprint: str = ""          # of the graph it describes (analysis/fingerprint.py)
+    unprepared: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    graph_module: Any = None       # the graph analysed, where analyze traced it itself
 
     def __str__(self) -> str:
         from fxprune.app.report import analysis_table
@@ -121,14 +132,19 @@ class Analysis:
                         "size": g.size, "site": g.site, "frozen": g.frozen,
                         "members": len(g.members)} for g in self.groups],
             "opaque": [{"node": n, "what": w} for n, w in self.opaque],
+            "unprepared_attention": [{"node": n, "what": w} for n, w in self.unprepared],
         }
 
 
-def analyze(gm: torch.fx.GraphModule) -> Analysis:
+def analyze(gm, example_inputs=None, *, prepare: bool = True) -> Analysis:
     """Find attention sites and channel groups of a traced graph.
 
     Writes ``node.meta["fxprune.comps"]`` on every node and ``gm.meta["fxprune.analysis"]``;
-    does not change the graph.
+    does not change the graph. Given a model (``nn.Module``, ``ExportedProgram``, or any of
+    them with ``example_inputs``) it traces and, with ``prepare``, runs the preparation passes
+    first; the graph it analysed is ``analysis.graph_module``. On an unprepared graph,
+    attention it cannot see into (``nn.MultiheadAttention``, torchvision's window attention)
+    is named in a warning and in ``analysis.unprepared``.
 
     Example:
         >>> import torch, fxprune
@@ -137,9 +153,11 @@ def analyze(gm: torch.fx.GraphModule) -> Analysis:
         >>> [(g.kind, g.size, g.frozen is None) for g in fxprune.analyze(gm).groups]
         [('mlp', 8, True)]
     """
-    if not isinstance(gm, torch.fx.GraphModule):
+    if not isinstance(gm, (torch.nn.Module, getattr(torch.export, "ExportedProgram", ()))):
         raise InputError("fxprune.analyze", f"expected a GraphModule, got {type(gm).__name__}",
                          hint="call fxprune.trace(model, example_inputs) first")
+    built = example_inputs is not None or not isinstance(gm, torch.fx.GraphModule)
+    gm = graph_to_analyze(gm, example_inputs, prepare)
     require_shapes("fxprune.analyze", gm)
     prop = Propagator(gm).run()
     comps = prop.store.finish()
@@ -153,10 +171,14 @@ def analyze(gm: torch.fx.GraphModule) -> Analysis:
     _add_members(gm, groups, comps, group_of_channel)
     analysis = Analysis(sites, groups, comps, prop.param_comps, prop.param_shapes,
                         [(n.name, w) for n, w in prop.opaque], group_of_channel, graph,
-                        prop.param_aliases)
+                        prop.param_aliases, graph_fingerprint(gm))
+    analysis.unprepared = warn_opaque(gm)
+    if built:
+        analysis.graph_module = gm
     gm.meta[ANALYSIS_KEY] = analysis
     if log.isEnabledFor(logging.DEBUG):
         _log_decisions(analysis)
+    gm.meta[ANALYSIS_FINGERPRINT_KEY] = analysis.fingerprint
     return analysis
 
 
@@ -174,8 +196,11 @@ def _log_decisions(analysis: Analysis) -> None:
 
 
 def get_analysis(gm: torch.fx.GraphModule, pass_name: str) -> Analysis:
-    """The analysis attached to ``gm`` or a :class:`PassOrderError` naming ``fxprune.analyze``."""
-    return require_meta(pass_name, gm, ANALYSIS_KEY, "fxprune.analyze")
+    """The analysis attached to ``gm`` or a :class:`PassOrderError` naming ``fxprune.analyze``
+    (also when the graph changed after the analysis was computed)."""
+    analysis = require_meta(pass_name, gm, ANALYSIS_KEY, "fxprune.analyze")
+    check_current(gm, pass_name)
+    return analysis
 
 
 def _layout(comp_lab: np.ndarray, span, comps: Components) -> np.ndarray:

@@ -10,10 +10,11 @@ masks, reweight modules on the queries, retrain: :func:`fxprune.amap.search.refi
 * the measured CPU speed-up at batch 256 (dense eager model vs. the sliced GraphModule; the two
   are timed alternately, round after round, and the medians compared).
 
-(At this size the speed-up stays far below ``1 / macs_ratio``: measured 1.09x for 0.507 of the
-MACs at batch 256 on one thread. The embedding width and the 17 tokens are untouched, so layer
-norms, softmax, GELU and copies cost what they did; and where a site keeps different Q/K and V
-head dims, CPU SDPA leaves its fused kernel for the unfused math path.)
+(At this size the speed-up stays below ``1 / macs_ratio``: the embedding width and the 17
+tokens are untouched, so layer norms, softmax, GELU and copies cost what they did. The search
+rounds kept counts to multiples of 8 and pairs q/k and v head dims where SDPA runs, which keeps
+SDPA on its fused kernel: ``benchmarks/bench_amap_speed.py`` measured 1.33x at 0.507 of the
+MACs, batch 256, one thread, against 1.09x with the masks as searched.)
 
 It saves, under ``out_dir``: ``kept_channels.png`` (kept vs. total channels per layer and head,
 like the paper's Figure 5), ``amap_pruned.pt`` (the pruned GraphModule;
@@ -45,7 +46,7 @@ import torch
 from fxprune.meta import SLICED_KEY
 
 
-def _interleaved_ms(models: dict, x: torch.Tensor, rounds: int) -> dict[str, float]:
+def interleaved_ms(models: dict, x: torch.Tensor, rounds: int) -> dict[str, float]:
     """Median ms per forward of every model, timed alternately (order rotated each round) so
     that load from other processes hits all of them alike."""
     names = list(models)
@@ -222,7 +223,7 @@ def _run(out_dir, seed, dense_epochs, epochs, macs_ratio, rounds, verbose) -> di
     xb = data.x_test[:256]
     if len(xb) < 256:
         xb = torch.cat([xb] * (256 // len(xb) + 1))[:256]
-    ms = _interleaved_ms({"dense": dense.eval(), "pruned": pruned.eval()}, xb, rounds)
+    ms = interleaved_ms({"dense": dense.eval(), "pruned": pruned.eval()}, xb, rounds)
     speedup = ms["dense"] / ms["pruned"]
     say(f"\nCPU, batch 256, {torch.get_num_threads()} threads, median of {rounds} interleaved "
         f"runs: dense {ms['dense']:.2f} ms, pruned {ms['pruned']:.2f} ms -> {speedup:.2f}x "

@@ -34,6 +34,7 @@ import os
 import subprocess
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,18 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, torch.fx.Node):
         return obj.name
     return str(obj)
+
+
+def _warning_texts(caught, echo: bool) -> list[str]:
+    """The messages of recorded warnings (for --json; library deprecation notices left out);
+    re-emitted when ``echo``."""
+    texts = []
+    for w in caught:
+        if not issubclass(w.category, (DeprecationWarning, FutureWarning)):
+            texts.append(str(w.message))
+        if echo:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return texts
 
 
 def _print_json(obj: Any) -> None:
@@ -266,26 +279,23 @@ def _result_table(model: torch.nn.Module, pruned: torch.nn.Module, rows: list[di
     return _plan_table(rows)
 
 
-def _save(pruned: torch.nn.Module, x: Any, out: str) -> None:
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".pt2":
-        try:
-            ep = torch.export.export(pruned, _as_tuple(x))
-        except Exception as exc:
-            raise FxPruneError(f"{PROG} prune", f"torch.export of the pruned model failed: "
-                               f"{type(exc).__name__}: {_first_line(exc)}",
-                               hint="save the GraphModule instead with --out pruned.pt "
-                               "(torch.save), and report this as an fxprune bug") from exc
-        torch.export.save(ep, str(path))
-    else:
-        try:
-            torch.save(pruned, str(path))
-        except Exception as exc:
-            raise FxPruneError(f"{PROG} prune", f"torch.save of the pruned GraphModule failed: "
-                               f"{type(exc).__name__}: {_first_line(exc)}",
-                               hint="save an ExportedProgram instead with --out pruned.pt2, "
-                               "and report this as an fxprune bug") from exc
+def _save(pruned: torch.nn.Module, x: Any, out: str) -> str:
+    """Save by ``--out``'s suffix (fxprune.serialization.save_artifact); returns what."""
+    from fxprune.serialization import save_artifact
+
+    return save_artifact(pruned, out, _as_tuple(x))
+
+
+def _prune_options(args) -> dict:
+    """``fxprune.prune`` keyword arguments from the prune subcommand's flags."""
+    kwargs = {}
+    if getattr(args, "dense_sites", None):
+        kwargs["dense_sites"] = tuple(args.dense_sites)
+    if getattr(args, "heads", None):
+        kwargs["heads"] = args.heads
+    if getattr(args, "keep_dense", None):
+        kwargs["keep_dense"] = tuple(args.keep_dense)
+    return kwargs
 
 
 def cmd_prune(args) -> int:
@@ -302,13 +312,16 @@ def cmd_prune(args) -> int:
     kwargs = {}
     if hasattr(args, "seed") and "seed" in inspect.signature(prune).parameters:
         kwargs["seed"] = args.seed  # the random criterion's seed, where prune takes one
-    pruned = prune(model, x, macs_ratio=args.macs_ratio, criterion=args.criterion,
-                   align=args.align, **kwargs)
+    kwargs.update(_prune_options(args))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruned = prune(model, x, macs_ratio=args.macs_ratio, criterion=args.criterion,
+                       align=args.align, **kwargs)
+    notes = _warning_texts(caught, echo=not args.json)
     after = fxprune.count_macs(pruned, x)
     plan = pruned.meta.get(PLAN_KEY, {}) if hasattr(pruned, "meta") else {}
     rows = _plan_rows(model, plan)
-    if args.out:
-        _save(pruned, x, args.out)
+    saved = _save(pruned, x, args.out) if args.out else None
     if args.json:
         _print_json({"model": args.model,
                      "input_shape": [list(t.shape) for t in _as_tuple(x)],
@@ -316,7 +329,7 @@ def cmd_prune(args) -> int:
                      "align": args.align, "macs_dense": dense, "macs_pruned": after,
                      "macs_ratio": after / dense if dense else None,
                      "summary": getattr(pruned, "meta", {}).get(SUMMARY_KEY),
-                     "plan": rows, "out": args.out})
+                     "plan": rows, "out": args.out, "saved": saved, "warnings": notes})
         return 0
     print(f"model: {args.model}  input: {_shape_text(x)}  criterion: {args.criterion}  "
           f"align: {args.align}")
@@ -326,7 +339,7 @@ def cmd_prune(args) -> int:
     print()
     print(_result_table(model, pruned, rows))
     if args.out:
-        print(f"\nsaved: {args.out}")
+        print(f"\nsaved: {args.out} ({saved})")
     return 0
 
 
@@ -391,6 +404,14 @@ def cmd_bench(args) -> int:
 
 # -- parser and entry point ---------------------------------------------------------------
 
+def _criteria() -> tuple[str, ...]:
+    try:
+        from fxprune.planning.criteria import CRITERIA
+    except ImportError:  # an installation without the planning package
+        return ("similarity", "l1", "random", "toast")
+    return tuple(CRITERIA)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="timm:<name> | torchvision:<name> | fxprune:<factory> | "
                    "path/to/file.py:<factory>")
@@ -438,12 +459,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--macs-ratio", type=float, default=0.7,
                    help="target MACs as a fraction of the dense model (default 0.7)")
-    p.add_argument("--criterion", default="similarity",
-                   help="channel ranking: similarity (AMAP eq. 1-3), l1, random "
-                   "(default similarity)")
+    p.add_argument("--criterion", default="similarity", choices=_criteria(),
+                   help="channel ranking: similarity (AMAP eq. 1-3), l1, random or toast "
+                   "(ToaSt's distance from the head's median) (default similarity)")
     p.add_argument("--align", type=int, default=8,
                    help="kept counts per head / group rounded to this multiple (default 8)")
-    p.add_argument("--out", default=None, help="where to save the pruned model")
+    p.add_argument("--out", default=None,
+                   help="where to save the pruned model, by suffix: DIR (model.safetensors + "
+                   "plan.json + program.pt2; fxprune.load reads it), FILE.pt2 (torch.export, "
+                   "dynamic batch), FILE.onnx (torch.onnx.export dynamo=True), FILE.pt "
+                   "(torch.save: a pickle)")
+    p.add_argument("--dense-sites", type=int, nargs="+", default=None, metavar="I",
+                   help="attention sites (graph order, from 0) left dense")
+    p.add_argument("--heads", choices=("channels", "whole"), default=None,
+                   help="prune channels inside heads (default) or whole heads")
+    p.add_argument("--keep-dense", action="append", default=None, metavar="PATTERN",
+                   help="parameter-name glob (e.g. 'blocks.0.*'): every channel group coupled "
+                   "to a matching parameter stays dense (repeatable)")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("demo", parents=[common], help="the demo job (what `make demo` runs)",

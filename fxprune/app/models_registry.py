@@ -104,10 +104,16 @@ def load_model(spec: str, input_size: Sequence[int] | None = None
         model, x = _load_fxprune(rest, hw)
     else:
         model, x = _load_file(rest, hw)
+    if _is_exported(model):
+        return model, x  # an ExportedProgram keeps the mode it was exported in
     if not isinstance(model, nn.Module):
         raise InputError(WHERE, f"{spec!r} gave a {type(model).__name__}, not an nn.Module",
-                         hint="the factory must return an nn.Module or (nn.Module, input)")
-    model.eval()
+                         hint="the factory must return an nn.Module, GraphModule or "
+                         "ExportedProgram, or (model, input)")
+    try:
+        model.eval()
+    except NotImplementedError:  # ExportedProgram.module() refuses mode switches
+        pass
     return model, x
 
 
@@ -328,12 +334,17 @@ def _load_file(spec: str, hw):
     except Exception as exc:
         raise InputError(WHERE, f"{path_s}:{fname}() failed: {type(exc).__name__}: {exc}",
                          hint="the factory is called with no arguments") from exc
-    if isinstance(out, tuple | list) and len(out) == 2 and isinstance(out[0], nn.Module):
+    if isinstance(out, tuple | list) and len(out) == 2 and _is_model(out[0]):
         model, x = out
         return model, _with_size(x, hw)
+    if _is_exported(out):
+        args = tuple(out.example_inputs[0]) if out.example_inputs else ()
+        if args and all(isinstance(a, torch.Tensor) for a in args):
+            return out, _with_size(args[0] if len(args) == 1 else args, hw)
     if not isinstance(out, nn.Module):
         raise InputError(WHERE, f"{path_s}:{fname}() returned {_describe(out)}",
-                         hint="return an nn.Module or (nn.Module, example_input)")
+                         hint="return an nn.Module, GraphModule or ExportedProgram, or "
+                         "(model, example_input)")
     x = getattr(out, "example_input", None)
     if x is not None:
         return out, _with_size(x, hw)
@@ -342,6 +353,16 @@ def _load_file(spec: str, hw):
     raise InputError(WHERE, f"{path_s}:{fname}() returned a model without an example input",
                      hint="return (model, example_input), set model.example_input, or give "
                      "--input-size H W for a (1, 3, H, W) input")
+
+
+def _is_exported(obj) -> bool:
+    cls = getattr(torch.export, "ExportedProgram", None)
+    return cls is not None and isinstance(obj, cls)
+
+
+def _is_model(obj) -> bool:
+    """An nn.Module (GraphModules included) or a torch.export.ExportedProgram."""
+    return isinstance(obj, nn.Module) or _is_exported(obj)
 
 
 def _import_file(path: Path):

@@ -52,6 +52,12 @@ def analysis_table(analysis) -> str:
                       g.frozen or "prunable"])
     out += ["", "channel groups:", format_table(
         ["group", "kind", "heads", "size", "site", "members", "status"], grows)]
+    if getattr(analysis, "unprepared", None):
+        from fxprune.analysis.inputs import PREPARE_CALL
+
+        out += ["", f"attention not analysed ({len(analysis.unprepared)} opaque call(s); "
+                f"run `{PREPARE_CALL}` first, or fxprune.analyze(model, x)):"]
+        out += [f"  {n}: {w}" for n, w in analysis.unprepared]
     if analysis.opaque:
         out += ["", "opaque ops (their channels stay dense):"]
         out += [f"  {n}: {w}" for n, w in analysis.opaque]

@@ -29,15 +29,20 @@ from fxprune.analysis.engine import analyze
 from fxprune.errors import InputError, PlanError
 from fxprune.macs import count_macs
 from fxprune.meta import (
+    ANALYSIS_FINGERPRINT_KEY,
     ANALYSIS_KEY,
     CRITERION_KEY,
     DENSE_MACS_KEY,
+    FIXED_SIZES_KEY,
+    INPUT_SHAPES_KEY,
     MACS_RATIO_KEY,
+    PLAN_DATA_KEY,
     PLAN_KEY,
     SUMMARY_KEY,
 )
 from fxprune.planning.allocation import Kept, allocate, keep_masks
 from fxprune.planning.criteria import CRITERIA, channel_scores
+from fxprune.planning.plan import Plan
 from fxprune.tracing import trace
 
 WHERE = "fxprune.prune"
@@ -73,7 +78,7 @@ class PrunePlan:
 def plan(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "similarity",
          align: int = 8, seed: int = 0, prepare: bool = True,
          dense_sites: tuple[int, ...] = (), heads: str = "channels",
-         match_qk_v: bool | None = None) -> PrunePlan:
+         match_qk_v: bool | None = None, keep_dense: tuple[str, ...] = ()) -> PrunePlan:
     """Decide what to prune without slicing (see :func:`prune` for the arguments).
 
     Example:
@@ -84,11 +89,11 @@ def plan(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simil
         ['mlp', 'qk', 'v']
     """
     return _plan(model, example_inputs, macs_ratio, criterion, align, seed, prepare,
-                 dense_sites, heads, match_qk_v)
+                 dense_sites, heads, match_qk_v, keep_dense=keep_dense)
 
 
 def _plan(model, example_inputs, macs_ratio, criterion, align, seed, prepare, dense_sites,
-          heads, match_qk_v, share_params: bool = False) -> PrunePlan:
+          heads, match_qk_v, share_params: bool = False, keep_dense=()) -> PrunePlan:
     """:func:`plan`; with ``share_params`` the returned graph's modules are its own but its
     parameters and buffers are still the model's (:func:`prune` slices, then copies only the
     ones slicing did not replace: see :func:`_own_tensors`)."""
@@ -102,9 +107,10 @@ def _plan(model, example_inputs, macs_ratio, criterion, align, seed, prepare, de
         gm, _ = run_prepare(gm)
     analysis = analyze(gm)
     dense = count_macs(gm)
-    keep_dense = {gi for i in dense_sites if 0 <= i < len(analysis.attention)
-                  for gi in (analysis.attention[i].qk_group, analysis.attention[i].v_group)}
-    prunable = [g for g in analysis.groups if g.prunable and g.index not in keep_dense]
+    dense_groups = {gi for i in dense_sites if 0 <= i < len(analysis.attention)
+                    for gi in (analysis.attention[i].qk_group, analysis.attention[i].v_group)}
+    dense_groups |= groups_of_params(analysis, keep_dense)
+    prunable = [g for g in analysis.groups if g.prunable and g.index not in dense_groups]
     if not prunable:
         reasons = sorted({g.frozen for g in analysis.groups if g.frozen})
         raise PlanError(WHERE, "the analysis found no prunable channel group"
@@ -134,7 +140,8 @@ def _plan(model, example_inputs, macs_ratio, criterion, align, seed, prepare, de
 def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "similarity",
           align: int = 8, seed: int = 0, prepare: bool = True,
           dense_sites: tuple[int, ...] = (), heads: str = "channels",
-          match_qk_v: bool | None = None) -> torch.fx.GraphModule:
+          match_qk_v: bool | None = None, keep_dense: tuple[str, ...] = ()
+          ) -> torch.fx.GraphModule:
     """One-shot structured pruning of ``model`` to ``macs_ratio`` of its MACs.
 
     ``criterion`` is ``"similarity"`` (AMAP eq. 1-3 with weight magnitude), ``"l1"``,
@@ -146,6 +153,8 @@ def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simi
     same head dim; by default it does so where the graph calls SDPA, whose fast CPU/GPU kernels
     need equal head dims (with different ones it falls back to a slower path and a pruned model
     can be slower than the dense one); ``False`` lets Q/K and V keep different head dims.
+    ``keep_dense`` holds parameter-name globs (``"blocks.0.*"``): every group coupled to a
+    matching parameter stays dense.
     Returns a smaller ``torch.fx.GraphModule``; ``pruned.meta["fxprune.plan"]`` maps every
     sliced parameter of the ORIGINAL model to ``{dim: kept indices}``, and
     ``pruned.meta["fxprune.macs_ratio"]`` is the ratio reached. Frozen groups stay dense. When
@@ -164,7 +173,7 @@ def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simi
     # the plan's graph shares the model's parameters: copying them all up front would be
     # wasted on the pruned ones, which slicing replaces; the others are copied after it
     decided = _plan(model, example_inputs, macs_ratio, criterion, align, seed, prepare,
-                    dense_sites, heads, match_qk_v, share_params=True)
+                    dense_sites, heads, match_qk_v, share_params=True, keep_dense=keep_dense)
     gm, analysis, masks, dense = (decided.graph_module, decided.analysis, decided.masks,
                                   decided.dense_macs)
     model_storages = _storages(gm)
@@ -176,11 +185,59 @@ def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simi
     pruned.meta[DENSE_MACS_KEY] = dense
     pruned.meta[CRITERION_KEY] = criterion
     pruned.meta[SUMMARY_KEY] = _summary(analysis, masks)
+    if PLAN_DATA_KEY not in pruned.meta:  # nothing was sliced: an empty plan
+        shapes = {n: list(t.shape) for n, t in pruned.state_dict().items()}
+        pruned.meta[PLAN_DATA_KEY] = Plan.from_slice(gm, analysis, {}, {}, shapes)
+    pruned.meta[PLAN_DATA_KEY].info.update(macs_ratio=round(reached, 4), dense_macs=int(dense),
+                                           criterion=criterion, align=align)
+    _note_fixed_sizes(gm, pruned)
     if reached > float(macs_ratio) + 0.02:
         warnings.warn(f"fxprune.prune: reached macs_ratio {reached:.3f}, above the target "
                       f"{macs_ratio} (the unfrozen groups cannot go lower at align={align}); "
                       "frozen groups stay dense", stacklevel=2)
     return pruned
+
+
+def _note_fixed_sizes(prepared, pruned) -> None:
+    """Say so (warning, meta, plan) when preparation inlined attention with the traced sizes:
+    the pruned model then runs at the traced input size only, whatever the dense model took."""
+    fixed = prepared.meta.get(FIXED_SIZES_KEY) or pruned.meta.get(FIXED_SIZES_KEY)
+    if not fixed:
+        return
+    pruned.meta[FIXED_SIZES_KEY] = list(fixed)
+    pruned.meta[PLAN_DATA_KEY].info["fixed_sizes"] = list(fixed)
+    shapes = pruned.meta.get(INPUT_SHAPES_KEY) or []
+    batch_free = all("batch free" in f for f in fixed)
+    warnings.warn(f"fxprune.prune: the pruned model runs at the traced input size only "
+                  f"({', '.join(str(tuple(s)[1:]) for s in shapes)} after the batch dim"
+                  f"{'; any batch size' if batch_free else ', and the traced batch size'}): "
+                  f"{len(fixed)} opaque call(s) were decomposed with the traced sizes as "
+                  f"constants ({', '.join(fixed[:2])}{', ...' if len(fixed) > 2 else ''}); "
+                  "prune at the resolution you deploy at", stacklevel=3)
+
+
+def groups_of_params(analysis, patterns) -> set[int]:
+    """Indices of the groups whose channels reach a parameter matching one of the globs.
+
+    Example:
+        >>> import torch, fxprune
+        >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
+        >>> a = fxprune.analyze(fxprune.trace(m, torch.randn(2, 4)))
+        >>> groups_of_params(a, ["2.*"]), groups_of_params(a, ["nothing*"])
+        ({0}, set())
+    """
+    import fnmatch
+
+    patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+    found: set[int] = set()
+    comps = analysis.components
+    for name, entries in analysis.param_comps.items():
+        if not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            continue
+        for c in entries:
+            gs = analysis.group_of_channel[comps.channel_of(np.asarray(c.lab).ravel())]
+            found.update(int(g) for g in np.unique(gs) if g >= 0)
+    return found
 
 
 def _own_copy(gm, share_params: bool = False):
@@ -227,6 +284,7 @@ def _dense_copy(gm):
 
     out = copy.deepcopy(gm)
     out.meta.pop(ANALYSIS_KEY, None)
+    out.meta.pop(ANALYSIS_FINGERPRINT_KEY, None)
     out.meta[PLAN_KEY] = {}
     return out
 

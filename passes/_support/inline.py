@@ -48,7 +48,7 @@ from torch.fx.node import Node, map_aggregate, map_arg
 from torch.fx.proxy import Proxy
 
 from fxprune.errors import first_line
-from fxprune.meta import DECOMPOSED_FROM_KEY
+from fxprune.meta import DECOMPOSED_FROM_KEY, FIXED_SIZES_KEY
 
 from .tracer import SIDE_EFFECT_FUNCTIONS, InlineTracer, is_inplace_method
 from .worlds import WORLD_KINDS, InlineError, WorldSet
@@ -165,6 +165,9 @@ def _insert(gm: torch.fx.GraphModule, node: Node, graph: torch.fx.Graph, out: An
             env[n] = new
             new_nodes.append(new)
     outputs = map_arg(graph.output_node().args[0], env.__getitem__)
+    if kind != "all-but-last" and new_nodes:  # the inlined code holds the traced sizes
+        fixed = "spatial sizes fixed, batch free" if kind == "batch" else "every size fixed"
+        gm.meta.setdefault(FIXED_SIZES_KEY, []).append(f"{node.name} ({fixed})")
     return InlineResult(outputs, new_nodes, kind)
 
 
