@@ -100,9 +100,22 @@ class Propagator:
         for node in self.gm.graph.nodes:
             self.current = node
             shape_of(node)
-            self.env[node] = apply_rule(self, node)
+            try:
+                self.env[node] = apply_rule(self, node)
+            except Exception as exc:  # noqa: BLE001 - one op's rule never costs the model
+                self.env[node] = self.rule_failed(node, exc)
             node.meta[COMPS_KEY] = comps_meta(self.env[node])
         return self
+
+    def rule_failed(self, node: torch.fx.Node, exc: Exception) -> Any:
+        """A rule raised: the channels reaching ``node`` stay dense (frozen with the
+        error as the reason) and its output carries no labels, as for an unknown op."""
+        what = f"the rule of {node.op} {node.target} raised {type(exc).__name__}: " \
+            f"{str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        for a in node.all_input_nodes:
+            self.freeze(self.value(a), what)
+        self.opaque.append((node, what))
+        return self.unlabeled_like(node)
 
     # -- values ---------------------------------------------------------------------------
     def value(self, arg) -> Any:

@@ -37,10 +37,13 @@ from fxprune.meta import (
     DENSE_MACS_KEY,
     MACS_RATIO_KEY,
     PLAN_KEY,
+    REPORT_KEY,
     SHAPE_KEY,
     SUMMARY_KEY,
 )
 from fxprune.planning.criteria import CRITERIA, channel_scores
+from fxprune.planning.freeze import as_inputs, freeze_unsliceable
+from fxprune.planning.report import prune_report, report_blockers
 from fxprune.slicing import new_shape
 from fxprune.tracing import trace
 
@@ -339,6 +342,9 @@ def _plan(model, example_inputs, macs_ratio, criterion, align, seed, prepare, de
     keep_dense = {gi for i in dense_sites if 0 <= i < len(analysis.attention)
                   for gi in (analysis.attention[i].qk_group, analysis.attention[i].v_group)}
     prunable = [g for g in analysis.groups if g.prunable and g.index not in keep_dense]
+    # a group the slicer cannot slice exactly stays dense (frozen with the reason)
+    freeze_unsliceable(gm, analysis, [g.index for g in prunable], as_inputs(example_inputs))
+    prunable = [g for g in prunable if g.frozen is None]
     if not prunable:
         reasons = sorted({g.frozen for g in analysis.groups if g.frozen})
         raise PlanError(WHERE, "the analysis found no prunable channel group"
@@ -410,10 +416,11 @@ def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simi
     pruned.meta[DENSE_MACS_KEY] = dense
     pruned.meta[CRITERION_KEY] = criterion
     pruned.meta[SUMMARY_KEY] = _summary(analysis, masks)
-    if reached > float(macs_ratio) + 0.02:
+    pruned.meta[REPORT_KEY] = report = prune_report(analysis, masks, macs_ratio, reached)
+    if not report["target_met"]:
         warnings.warn(f"fxprune.prune: reached macs_ratio {reached:.3f}, above the target "
                       f"{macs_ratio} (the unfrozen groups cannot go lower at align={align}); "
-                      "frozen groups stay dense", stacklevel=2)
+                      f"frozen groups stay dense: {report_blockers(report)}", stacklevel=2)
     return pruned
 
 
