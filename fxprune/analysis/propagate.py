@@ -38,7 +38,7 @@ from fxprune.analysis.values import (
     structure,
 )
 from fxprune.meta import COMPS_KEY
-from fxprune.ops import fetch_attr
+from fxprune.ops import fetch_attr, op_name
 
 
 def _onto_unit_dims(tvs: list[TV], operands, out_letters: str, sizes) -> list[TV]:
@@ -110,8 +110,9 @@ class Propagator:
     def rule_failed(self, node: torch.fx.Node, exc: Exception) -> Any:
         """A rule raised: the channels reaching ``node`` stay dense (frozen with the
         error as the reason) and its output carries no labels, as for an unknown op."""
-        what = f"the rule of {node.op} {node.target} raised {type(exc).__name__}: " \
-            f"{str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        first = str(exc).splitlines()[0][:160] if str(exc) else ""
+        what = f"the rule of {op_name(node, self.gm) or node.target} raised " \
+            f"{type(exc).__name__}: {first}"
         for a in node.all_input_nodes:
             self.freeze(self.value(a), what)
         self.opaque.append((node, what))
