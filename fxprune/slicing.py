@@ -180,9 +180,11 @@ def _fix_module_attrs(gm: nn.Module) -> None:
         if isinstance(mod, nn.Linear):
             mod.out_features, mod.in_features = mod.weight.shape
         elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+            # a depthwise conv may have several outputs per input channel (a multiplier)
+            multiplier = max(1, mod.out_channels // mod.groups)
             mod.out_channels = mod.weight.shape[0]
             if mod.groups > 1 and mod.weight.shape[1] == 1:
-                mod.groups = mod.in_channels = mod.out_channels
+                mod.groups = mod.in_channels = mod.out_channels // multiplier
             else:
                 mod.in_channels = mod.weight.shape[1] * mod.groups
         elif isinstance(mod, nn.LayerNorm) and mod.weight is not None:

@@ -160,3 +160,28 @@ def test_cli_prints_the_report_and_strict_fails_a_missed_target(tmp_path, capsys
                "--json"])
     out, _ = capsys.readouterr()
     assert rc == 0 and json.loads(out)["report"]["target_met"] is True
+
+
+class DepthwiseMultiplier(nn.Module):
+    """A depthwise conv with two outputs per input channel (groups = in = out / 2), as
+    between PiT's stages, next to a pruned group: slicing must leave it as it is."""
+
+    def __init__(self):
+        super().__init__()
+        self.pw, self.pw2 = nn.Conv2d(8, 32, 1), nn.Conv2d(32, 8, 1)
+        self.dw = nn.Conv2d(8, 16, 3, padding=1, groups=8)
+        self.out = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        return self.out(self.dw(self.pw2(torch.relu(self.pw(x)))))
+
+
+def test_depthwise_conv_with_a_channel_multiplier_survives_slicing():
+    torch.manual_seed(0)
+    model, x = DepthwiseMultiplier().eval(), torch.randn(1, 8, 6, 6)
+    pruned = fxprune.prune(model, x, macs_ratio=0.7, criterion="l1", align=4)
+    assert set(pruned.meta["fxprune.plan"]) == {"pw.weight", "pw.bias", "pw2.weight"}
+    dw = pruned.get_submodule("dw")
+    assert (dw.groups, dw.in_channels, dw.out_channels) == (8, 8, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), _zeroed(model, pruned.meta["fxprune.plan"])(x))

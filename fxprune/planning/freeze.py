@@ -102,13 +102,22 @@ def freeze_unsliceable(gm: torch.fx.GraphModule, analysis, groups: list[int],
     """Try slicing ``groups``; freeze (``group.frozen = reason``) every one that cannot be
     sliced exactly and return ``{group index: reason}``. Groups are tried together first and
     bisected only on failure, so a model whose groups all slice costs one trial."""
-    masks = trial_masks(analysis, groups, seed)
+    frozen = unsliceable(gm, analysis, trial_masks(analysis, groups, seed), example_inputs)
+    for gi, reason in frozen.items():
+        analysis.groups[gi].frozen = reason
+    return frozen
+
+
+def unsliceable(gm: torch.fx.GraphModule, analysis, masks: dict[int, np.ndarray],
+                example_inputs: tuple) -> dict[int, str]:
+    """``{group: reason}`` for the groups of ``masks`` that cannot be sliced exactly with
+    their mask: a cheap shape check first, then trial slices, bisected on failure."""
     frozen: dict[int, str] = {}
     for gi in masks:
         why = shape_failure(analysis, {gi: masks[gi]})
         if why is not None:
             frozen[gi] = why
-    candidates = [gi for gi in groups if gi in masks and gi not in frozen]
+    candidates = [gi for gi in masks if gi not in frozen]
     _bisect(gm, masks, candidates, example_inputs, frozen)
     # groups that slice alone yet fail together: add them one by one
     rest = [gi for gi in candidates if gi not in frozen]
@@ -120,8 +129,6 @@ def freeze_unsliceable(gm: torch.fx.GraphModule, analysis, groups: list[int],
                 accepted.append(gi)
             else:
                 frozen[gi] = f"{why} (together with other groups)"
-    for gi, reason in frozen.items():
-        analysis.groups[gi].frozen = reason
     return frozen
 
 

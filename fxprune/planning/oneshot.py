@@ -29,7 +29,7 @@ import torch
 import torch.fx
 
 from fxprune.analysis.engine import analyze
-from fxprune.errors import InputError, PlanError
+from fxprune.errors import InputError, PlanError, SliceError
 from fxprune.macs import count_macs, node_macs
 from fxprune.meta import (
     ANALYSIS_KEY,
@@ -42,7 +42,7 @@ from fxprune.meta import (
     SUMMARY_KEY,
 )
 from fxprune.planning.criteria import CRITERIA, channel_scores
-from fxprune.planning.freeze import as_inputs, freeze_unsliceable
+from fxprune.planning.freeze import as_inputs, freeze_unsliceable, unsliceable
 from fxprune.planning.report import prune_report, report_blockers
 from fxprune.slicing import new_shape
 from fxprune.tracing import trace
@@ -408,9 +408,26 @@ def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simi
     gm, analysis, masks, dense = (decided.graph_module, decided.analysis, decided.masks,
                                   decided.dense_macs)
     model_storages = _storages(gm)
-    result = Slice(keep=masks, inplace=True)(gm) if masks else None
+    try:
+        result = Slice(keep=masks, inplace=True)(gm) if masks else None
+    except SliceError:
+        # the planned masks fail where the trial ones passed: plan again, leave the groups
+        # that fail with their planned masks dense (frozen, in the report)
+        decided = _plan(model, example_inputs, macs_ratio, criterion, align, seed, prepare,
+                        dense_sites, heads, match_qk_v, share_params=True)
+        gm, analysis, masks = decided.graph_module, decided.analysis, decided.masks
+        for gi, why in unsliceable(gm, analysis, masks, as_inputs(example_inputs)).items():
+            analysis.groups[gi].frozen = f"{why} (with its planned mask)"
+            del masks[gi]
+        result = Slice(keep=masks, inplace=True)(gm) if masks else None
     pruned = result.graph_module if result is not None else _dense_copy(gm)
     _own_tensors(pruned, model_storages)
+    if isinstance(model, torch.nn.Module):
+        # tensor constants the trace made (a rotary table computed in forward) are sliced
+        # with their group but are not the model's: the plan names only the model's tensors
+        owned = dict(model.named_parameters(remove_duplicate=False))
+        owned.update(model.named_buffers(remove_duplicate=False))
+        pruned.meta[PLAN_KEY] = {n: d for n, d in pruned.meta[PLAN_KEY].items() if n in owned}
     reached = count_macs(pruned) / dense
     pruned.meta[MACS_RATIO_KEY] = round(reached, 4)
     pruned.meta[DENSE_MACS_KEY] = dense
