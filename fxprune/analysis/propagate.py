@@ -279,7 +279,14 @@ class Propagator:
                         pass
                     free_kept = [ch for ch in ls if ch in out_letters and
                                  sum(ch in o[1] for o in operands) == 1]
-                    if free_kept:
+                    if free_kept and self._against_params_only(tvs, operands, i, ls):
+                        # heads kept by this operand alone, channels contracted against a
+                        # parameter that has no heads (a relative-position table read by q):
+                        # the parameter's channel j meets channel j of every head, so every
+                        # head keeps the same indices
+                        for ch in free_kept:
+                            self.store.collapse(c.lab, letters.index(ch))
+                    elif free_kept:
                         self.store.freeze(c.lab, "a contracted channel dim is paired with a "
                                           f"kept channel dim at {node.name}")
                     contracted_comps.append((i, c))
@@ -359,6 +366,13 @@ class Propagator:
         if not soft:  # a weight's row labels on an activation are activation channels
             out_comps = [c if not c.soft else Comp(c.lab, c.span, False) for c in out_comps]
         return TV(out_comps, out_shape, soft=soft)
+
+    @staticmethod
+    def _against_params_only(tvs, operands, i, span_letters) -> bool:
+        """Every other operand that holds one of ``span_letters`` is a parameter."""
+        others = [j for j, (_, ls) in enumerate(operands)
+                  if j != i and set(ls) & set(span_letters)]
+        return bool(others) and all(tvs[j].soft and tvs[j].param is not None for j in others)
 
     def _freeze_on_unread_batch(self, tvs, operands, carried, batch, sizes) -> None:
         """Channels carried along a batch letter (e.g. heads) that another activation operand

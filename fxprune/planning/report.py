@@ -32,9 +32,9 @@ def prune_report(analysis, masks: dict, target: float, reached: float) -> dict[s
     frozen = [_group_row(g) for g in analysis.groups
               if g.frozen is not None and g.kind != "heads"]
     met = reached <= float(target) + TARGET_SLACK
-    blocked = [] if met else [row for row in frozen if row["kind"] in PRUNABLE_KINDS
-                              or row["reason"] != RESIDUAL_DEFAULT]
-    blocked.sort(key=lambda row: -row["channels"])
+    # groups a plan could have pruned first (q/k, v, MLPs), then the residual stream
+    blocked = [] if met else sorted(frozen, key=lambda row: (
+        row["kind"] not in PRUNABLE_KINDS, row["reason"] == RESIDUAL_DEFAULT, -row["channels"]))
     return {
         "target": float(target),
         "reached": round(float(reached), 4),

@@ -1,0 +1,115 @@
+"""Structures of timm's attention families, each on a small hand-written model with the same
+structure (and the real timm model, random weights, in a slow test): pruned exactly (the
+pruned model equals the original with the plan's entries zeroed), or the group is frozen
+with a reason and the rest of the model pruned."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxprune
+from exactness import outputs, rel_err, zeroed_original
+from fxprune.meta import REPORT_KEY
+
+
+def check_exact(model, x, ratio=0.7, **kwargs):
+    """Prune, check against the zeroed original, return (pruned, report)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruned = fxprune.prune(model, x, macs_ratio=ratio, **kwargs)
+    err = rel_err(outputs(pruned, x), outputs(zeroed_original(model, pruned.meta[
+        "fxprune.plan"]), x))
+    assert err < 1e-4, err
+    return pruned, pruned.meta[REPORT_KEY]
+
+
+# -- batch norm with its weight and bias passed by keyword (timm's BatchNormAct2d) ----------
+
+class BnByKeyword(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(4, 16, 1), nn.Conv2d(16, 4, 1)
+        self.bn = nn.BatchNorm2d(16).eval()
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.weight.uniform_(0.5, 2)
+
+    def forward(self, x):
+        bn = self.bn
+        h = F.batch_norm(self.c1(x), bn.running_mean, bn.running_var, weight=bn.weight,
+                         bias=bn.bias, training=False)
+        return self.c2(torch.relu(h))
+
+
+def test_rule_batch_norm_reads_weight_and_bias_keywords():
+    torch.manual_seed(0)
+    model, x = BnByKeyword().eval(), torch.randn(1, 4, 5, 5)
+    a = fxprune.analyze(fxprune.trace(model, x))
+    (g,) = [g for g in a.groups if g.size == 16]
+    assert g.prunable
+    for name in ("bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"):
+        chans = {int(c) for comp in a.param_comps[name]
+                 for c in a.components.channel_of(comp.lab).ravel()}
+        assert chans == set(g.layout.ravel().tolist()), name
+    pruned, report = check_exact(model, x, ratio=0.6, criterion="l1", align=4)
+    assert pruned.meta["fxprune.plan"]["bn.weight"][0].numel() < 16
+    assert report["frozen"] == []
+
+
+# -- relative-position logits computed from q (BoTNet, HaloNet) -----------------------------
+
+class RelPosFromQ(nn.Module):
+    """Heads folded into the batch dim; q is contracted with k and with a relative-position
+    table that has no heads: q's channel j meets the table's column j in every head."""
+
+    def __init__(self, dim=32, heads=2, tokens=6):
+        super().__init__()
+        self.heads, self.d = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.rel = nn.Parameter(torch.randn(tokens, self.d) * 0.2)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 64), nn.Linear(64, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(self.norm(x)).split(C, dim=-1)
+        q, k, v = [t.reshape(B, N, self.heads, self.d).transpose(1, 2).reshape(
+            B * self.heads, N, self.d) for t in (q, k, v)]
+        scores = (q @ k.transpose(-1, -2)) * self.d ** -0.5 + q @ self.rel.transpose(-1, -2)
+        out = (scores.softmax(-1) @ v).reshape(B, self.heads, N, self.d)
+        x = x + self.proj(out.transpose(1, 2).reshape(B, N, C))
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+def test_rule_contraction_against_a_headless_table_shares_indices_across_heads():
+    torch.manual_seed(0)
+    model, x = RelPosFromQ().eval(), torch.randn(1, 6, 32)
+    a = fxprune.analyze(fxprune.trace(model, x))
+    (qk,) = [g for g in a.groups if g.kind == "qk"]
+    assert qk.frozen is None and qk.shared_across_heads
+    assert (qk.layout[0] == qk.layout[1]).all()          # one index set for both heads
+    pruned, report = check_exact(model, x, criterion="l1", align=4)
+    plan = pruned.meta["fxprune.plan"]
+    assert plan["rel"][1].numel() < 16 and "qkv.weight" in plan
+    assert not [g for g in report["frozen"] if g["kind"] == "qk"]
+
+
+SLOW_FAMILIES = ["botnet26t_256", "halonet26t", "lambda_resnet26t", "pit_ti_224",
+                 "cait_xxs24_224", "xcit_nano_12_p16_224", "coatnet_nano_rw_224"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SLOW_FAMILIES)
+def test_timm_family_prunes_exactly_or_reports(name):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    x = torch.randn(1, *model.pretrained_cfg["input_size"])
+    _, report = check_exact(model, x)
+    assert report["target_met"] or report["blocked_by"]
+    for row in report["frozen"]:
+        assert row["reason"]
