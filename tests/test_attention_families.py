@@ -113,3 +113,30 @@ def test_timm_family_prunes_exactly_or_reports(name):
     assert report["target_met"] or report["blocked_by"]
     for row in report["frozen"]:
         assert row["reason"]
+
+
+# -- q.type_as(v) (timm's RoPE ViTs, EVA): a cast, not a coupling of q with v ----------------
+
+class CastToV(nn.Module):
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = q.type_as(v), k.to(v)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+def test_rule_cast_takes_only_the_first_operands_channels():
+    torch.manual_seed(0)
+    model, x = CastToV().eval(), torch.randn(1, 5, 32)
+    a = fxprune.analyze(fxprune.trace(model, x))
+    (site,) = a.attention
+    assert site.qk_group is not None and site.v_group is not None
+    assert site.qk_group != site.v_group     # q/k and v are separate groups
+    pruned, _ = check_exact(model, x, ratio=0.8, criterion="l1", align=4)
+    assert pruned.meta["fxprune.plan"]["qkv.weight"][0].numel() < 96
