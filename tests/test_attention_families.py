@@ -140,3 +140,32 @@ def test_rule_cast_takes_only_the_first_operands_channels():
     assert site.qk_group != site.v_group     # q/k and v are separate groups
     pruned, _ = check_exact(model, x, ratio=0.8, criterion="l1", align=4)
     assert pruned.meta["fxprune.plan"]["qkv.weight"][0].numel() < 96
+
+
+# -- split inside each head: split([key_dim, key_dim, val_dim]) (EfficientFormer) -----------
+
+class PerHeadSplit(nn.Module):
+    def __init__(self, dim=32, heads=2, key_dim=8, val_dim=16):
+        super().__init__()
+        self.heads, self.sizes = heads, [key_dim, key_dim, val_dim]
+        self.qkv = nn.Linear(dim, heads * (2 * key_dim + val_dim))
+        self.proj = nn.Linear(heads * val_dim, dim)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, self.heads, -1).permute(0, 2, 1, 3).split(
+            self.sizes, dim=3)
+        attn = ((q @ k.transpose(-2, -1)) * self.sizes[0] ** -0.5).softmax(-1)
+        return x + self.proj((attn @ v).transpose(1, 2).reshape(B, N, -1))
+
+
+def test_split_inside_heads_is_rewritten_with_the_per_head_counts():
+    torch.manual_seed(0)
+    model, x = PerHeadSplit().eval(), torch.randn(1, 5, 32)
+    pruned, report = check_exact(model, x, ratio=0.6, criterion="random", align=4)
+    assert report["frozen"] == [] and report["target_met"]
+    split = next(n for n in pruned.graph.nodes if n.target is torch.split
+                 or n.target == "split")
+    sizes = split.args[1]
+    assert sizes[0] == sizes[1] and sum(sizes) * 2 == pruned.qkv.out_features
+    assert sum(sizes) < 32
