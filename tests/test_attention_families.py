@@ -13,6 +13,7 @@ from torch import nn
 import fxprune
 from exactness import outputs, rel_err, zeroed_original
 from fxprune.meta import REPORT_KEY
+from fxprune.pipeline import prepare
 
 
 def check_exact(model, x, ratio=0.7, **kwargs):
@@ -169,3 +170,105 @@ def test_split_inside_heads_is_rewritten_with_the_per_head_counts():
     sizes = split.args[1]
     assert sizes[0] == sizes[1] and sum(sizes) * 2 == pruned.qkv.out_features
     assert sum(sizes) < 32
+
+
+# -- talking heads (CaiT): the scores' heads are mixed, v is still read per head ------------
+
+class TalkingHeads(nn.Module):
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.heads, self.d = heads, dim // heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.proj_l, self.proj_w = nn.Linear(heads, heads), nn.Linear(heads, heads)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, self.d).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0] * self.d ** -0.5, qkv[1], qkv[2]
+        attn = q @ k.transpose(-2, -1)
+        attn = self.proj_l(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).softmax(-1)
+        attn = self.proj_w(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return x + self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+
+def test_v_of_talking_heads_keeps_its_head_layout_and_prunes():
+    torch.manual_seed(0)
+    model, x = TalkingHeads().eval(), torch.randn(1, 5, 32)
+    a = fxprune.analyze(prepare(fxprune.trace(model, x))[0])   # as prune sees it
+    (v,) = [g for g in a.groups if g.prunable and g.layout.size == 32 and g.kind != "qk"]
+    assert v.layout.shape == (4, 8)      # heads x per-head, read off the (B, h, N, d) value
+    pruned, report = check_exact(model, x, ratio=0.8, criterion="random", align=2)
+    assert pruned.proj.in_features < 32
+    assert not [g for g in report["frozen"] if g["kind"] in ("qk", "v", "mlp")]
+
+
+def test_v_of_timm_talking_head_blocks_keeps_its_head_layout():
+    """Two of timm's CaiT LayerScaleBlocks at width 32: without the head layout taken from
+    the (B, h, N, d) value, v's group was flat and froze (not a dense tensor)."""
+    cait = pytest.importorskip("timm.models.cait")
+    torch.manual_seed(0)
+    model = nn.Sequential(*[cait.LayerScaleBlock(32, 4) for _ in range(2)]).eval()
+    x = torch.randn(1, 5, 32)
+    a = fxprune.analyze(prepare(fxprune.trace(model, x))[0])
+    vs = [g for g in a.groups if g.kind == "v"]
+    assert len(vs) == 2 and all(g.layout.shape == (4, 8) and g.prunable for g in vs)
+    pruned, report = check_exact(model, x, ratio=0.7, criterion="l1", align=2)
+    assert pruned.get_submodule("0.attn.proj").in_features < 32
+    assert not [g for g in report["frozen"] if g["kind"] == "v"]
+
+
+# -- GLU MLP that chunks fc1's output into gate and value (EVA-02, PE, timm GluMlp) ----------
+
+class GluBlock(nn.Module):
+    def __init__(self, dim=16, hidden=32):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        value, gate = self.fc1(self.norm(x)).chunk(2, dim=-1)
+        return x + self.fc2(value * F.silu(gate))
+
+
+def test_glu_halves_are_coupled_channel_wise_and_prune_together():
+    torch.manual_seed(0)
+    model, x = nn.Sequential(GluBlock(), GluBlock()).eval(), torch.randn(1, 5, 16)
+    a = fxprune.analyze(fxprune.trace(model, x))
+    mlps = [g for g in a.groups if g.kind == "mlp"]
+    assert len(mlps) == 2 and all(g.prunable and g.size == 32 for g in mlps)
+    pruned, report = check_exact(model, x, ratio=0.6, criterion="l1", align=4)
+    kept = pruned.meta["fxprune.plan"]["0.fc1.weight"][0]
+    value, gate = kept[kept < 32], kept[kept >= 32] - 32
+    assert torch.equal(value, gate) and len(value) < 32   # channel j of both halves together
+    assert report["target_met"]
+
+
+# -- qkv Linear whose bias is cat(q_bias, k_bias, v_bias) (BEiT, EVA) -----------------------
+
+class CatBias(nn.Module):
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(dim)), nn.Parameter(torch.randn(dim))
+        self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        qkv = F.linear(x, weight=self.qkv.weight, bias=bias)
+        q, k, v = qkv.reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+def test_qkv_bias_cat_keeps_qk_and_v_separate():
+    torch.manual_seed(0)
+    model, x = CatBias().eval(), torch.randn(1, 5, 32)
+    a = fxprune.analyze(prepare(fxprune.trace(model, x))[0])
+    (site,) = a.attention
+    assert None not in (site.qk_group, site.v_group) and site.qk_group != site.v_group
+    pruned, _ = check_exact(model, x, ratio=0.8, criterion="l1", align=4)
+    plan = pruned.meta["fxprune.plan"]
+    assert plan["q_bias"][0].numel() < 32 and plan["v_bias"][0].numel() < 32
