@@ -34,7 +34,7 @@ TOLERANCE = 1e-4
 def trial_masks(analysis, groups: list[int], seed: int = 0) -> dict[int, np.ndarray]:
     """A keep mask per group that drops about half of every head's units, chosen at random
     per head (so heads keep different indices wherever the group allows it)."""
-    from fxprune.planning.oneshot import keep_masks
+    from fxprune.planning.allocation import KeptChannels, keep_masks
 
     rng = np.random.default_rng(seed)
     masks = {}
@@ -44,7 +44,7 @@ def trial_masks(analysis, groups: list[int], seed: int = 0) -> dict[int, np.ndar
         if units < 2:
             continue
         scores = {gi: rng.random(g.layout.shape)}
-        masks.update(keep_masks(analysis, scores, {gi: units // 2}))
+        masks.update(keep_masks(analysis, scores, [KeptChannels(gi, units // 2)]))
     return masks
 
 
