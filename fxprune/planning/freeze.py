@@ -14,6 +14,10 @@ Example:
     >>> from fxprune.models.reference import tiny_vit
     >>> x = torch.randn(1, 3, 32, 32)
     >>> gm = fxprune.trace(tiny_vit().eval(), x); a = fxprune.analyze(gm)
+    >>> ids = [g.index for g in a.groups if g.prunable]
+    >>> sorted(freeze_unsliceable(gm, a, ids, (x,)).values())[0]  # one fused qkv: q/k, v apart
+    'slicing it fails: [slice] kept entries of a (3, 3, 16) tensor do not form a dense tensor ...'
+    >>> gm = fxprune.prepare(gm)[0]; a = fxprune.analyze(gm)   # split-fused-heads first
     >>> freeze_unsliceable(gm, a, [g.index for g in a.groups if g.prunable], (x,))
     {}
 """
