@@ -61,6 +61,8 @@ DENSE_MACS_KEY = "fxprune.dense_macs"
 CRITERION_KEY = "fxprune.criterion"
 #: per attention site and MLP: widths before and after
 SUMMARY_KEY = "fxprune.summary"
+#: on a pruned model: what could not be pruned and why (frozen groups, what blocked the target)
+REPORT_KEY = "fxprune.report"
 #: on a refined AMAP model: whether it was physically sliced
 SLICED_KEY = "fxprune.sliced"
 

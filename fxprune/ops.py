@@ -25,8 +25,8 @@ POINTWISE = {
     "add", "sub", "rsub", "mul", "div", "truediv", "floordiv", "pow", "neg", "exp", "log",
     "sqrt", "rsqrt", "abs", "sigmoid", "tanh", "relu", "gelu", "silu", "softplus", "elu",
     "leaky_relu", "hardswish", "hardsigmoid", "mish", "relu6", "hardtanh", "clamp", "clamp_min",
-    "clamp_max", "clip", "where", "masked_fill", "dropout", "contiguous", "clone", "detach", "to",
-    "type", "type_as", "float", "half", "bfloat16", "double", "sign", "erf", "sin", "cos",
+    "clamp_max", "clip", "where", "masked_fill", "dropout", "contiguous", "clone", "detach",
+    "type", "float", "half", "bfloat16", "double", "sign", "erf", "sin", "cos",
     "reciprocal", "square", "maximum", "minimum", "le", "lt", "ge", "gt", "eq", "ne",
     "logical_and", "logical_or", "logical_not", "iadd", "imul", "isub", "itruediv", "add_",
     "mul_", "div_", "sub_", "bernoulli_", "bernoulli", "fill_", "zero_", "_to_copy", "alias",
@@ -35,6 +35,8 @@ POINTWISE = {
     "feature_dropout", "dropout1d", "dropout2d", "alpha_dropout", "_assert_tensor_metadata",
     "__and__", "__or__", "and_", "or_", "logit", "addcmul", "lerp",
 }
+#: elementwise casts whose tensor arguments after the first only give a dtype or device
+CAST = {"to", "type_as"}
 CREATION = {"zeros", "ones", "empty", "full", "arange", "rand", "randn", "tensor", "new_zeros",
             "new_ones", "new_empty", "new_full", "new_tensor", "scalar_tensor", "linspace",
             "eye", "randint", "as_tensor", "meshgrid"}

@@ -178,9 +178,11 @@ def _fix_module_attrs(gm: nn.Module) -> None:
         if isinstance(mod, nn.Linear):
             mod.out_features, mod.in_features = mod.weight.shape
         elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+            # a depthwise conv may have several outputs per input channel (a multiplier)
+            multiplier = max(1, mod.out_channels // mod.groups)
             mod.out_channels = mod.weight.shape[0]
             if mod.groups > 1 and mod.weight.shape[1] == 1:
-                mod.groups = mod.in_channels = mod.out_channels
+                mod.groups = mod.in_channels = mod.out_channels // multiplier
             else:
                 mod.in_channels = mod.weight.shape[1] * mod.groups
         elif isinstance(mod, nn.LayerNorm) and mod.weight is not None:
@@ -288,20 +290,40 @@ def _input_mask_along(node, lab_keep, dim):
     return mask.any(axis=other) if other else mask
 
 
+def _input_lines_along(node, lab_keep, dim):
+    """The keep mask of ``node``'s input as lines along ``dim``: (lines, size)."""
+    src = node.args[0]
+    meta = src.meta.get(COMPS_KEY)
+    shape = src.meta.get(SHAPE_KEY)
+    if not isinstance(meta, list) or shape is None or not all(isinstance(e, tuple) for e in meta):
+        return None
+    mask = comp_mask(lab_keep, meta, len(shape))
+    if mask is None or mask.shape[dim] == 1:
+        return None
+    return np.moveaxis(mask, dim, -1).reshape(-1, mask.shape[dim])
+
+
 def _rewrite_split(gm, node, name, lab_keep, changes) -> None:
     shape = node.args[0].meta.get(SHAPE_KEY)
     if shape is None:
         return
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     dim %= len(shape)
-    along = _input_mask_along(node, lab_keep, dim)
-    if along is None:
+    lines = _input_lines_along(node, lab_keep, dim)
+    if lines is None:
         return
     outs = node.meta.get("val")
     old_sizes = [int(t.shape[dim]) for t in outs]
     new_sizes, start = [], 0
     for s in old_sizes:
-        new_sizes.append(int(along[start:start + s].sum()))
+        # per line (e.g. per head: the split is inside each head), the count each part keeps;
+        # heads keep different indices but the same counts
+        counts = lines[:, start:start + s].sum(axis=1)
+        counts = np.unique(counts[lines.any(axis=1)])
+        if len(counts) > 1:
+            raise SliceError("slice", f"the parts of this {name} keep different counts in "
+                             f"different heads ({counts.tolist()})", node=node)
+        new_sizes.append(int(counts[0]) if len(counts) else 0)
         start += s
     if any(s == 0 for s in new_sizes):
         raise SliceError("slice", "a split part would become empty", node=node)

@@ -84,8 +84,11 @@ def gate_sinks(out: torch.fx.GraphModule, analysis, group, position: dict[int, i
     node_by_name = {n.name: n for n in out.graph.nodes}
     # a q.k product is gated on q only; channel reductions that ignore zeros (a norm over q's
     # channels) see the gated values too, so that masking equals removal everywhere
+    # q's channels contracted elsewhere (with a relative-position table) are gated there too
     qk = [s for s in group.sinks if s.kind == "qk"]
-    sinks = qk + [s for s in group.sinks if s.kind == "reduce"] if qk else list(group.sinks)
+    at_qk = {s.node for s in qk}
+    sinks = qk + [s for s in group.sinks if s.kind != "qk" and (
+        s.kind == "reduce" or s.node not in at_qk)] if qk else list(group.sinks)
     names = []
     for j, sink in enumerate(sinks):
         node = node_by_name[sink.node.name]

@@ -42,7 +42,7 @@ import torch.nn as nn
 from fxprune.analysis.engine import get_analysis
 from fxprune.errors import PlanError
 from fxprune.meta import ANALYSIS_FINGERPRINT_KEY, ANALYSIS_KEY, SHAPE_KEY
-from fxprune.ops import ACT_MODULES, POINTWISE, op_name
+from fxprune.ops import ACT_MODULES, CAST, POINTWISE, op_name
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
 
 _DROPOUT = (nn.Dropout, nn.Identity)
@@ -208,7 +208,7 @@ def _mlp_chain(gm, fc2):
                 return cur, list(reversed(acts))
             if not isinstance(mod, ACT_MODULES):
                 return None
-        elif op_name(cur, gm) not in POINTWISE or len(cur.all_input_nodes) != 1:
+        elif op_name(cur, gm) not in POINTWISE | CAST or len(cur.all_input_nodes) != 1:
             return None
         acts.append(cur)
         cur = cur.args[0]

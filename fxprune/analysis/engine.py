@@ -169,6 +169,7 @@ def analyze(gm, example_inputs=None, *, prepare: bool = True) -> Analysis:
     groups, group_of_channel, graph = _build_groups(prop, comps)
     sites = _build_sites(gm, prop, comps, groups, group_of_channel)
     _add_members(gm, groups, comps, group_of_channel)
+    _adopt_member_head_layouts(gm, groups, comps)
     analysis = Analysis(sites, groups, comps, prop.param_comps, prop.param_shapes,
                         [(n.name, w) for n, w in prop.opaque], group_of_channel, graph,
                         prop.param_aliases, graph_fingerprint(gm))
@@ -442,6 +443,25 @@ def _order_groups(groups: list[ChannelGroup]) -> None:
 
     del key  # graph order is already meaningful; keep it stable
     return None
+
+
+def _adopt_member_head_layouts(gm, groups, comps: Components) -> None:
+    """A group with no head layout whose channels are somewhere split into (heads, per-head)
+    takes that layout (v read per head by scores whose heads were mixed, as in talking-heads
+    attention, is no site's v), so that every head keeps the same count and the reshapes
+    into heads stay dense."""
+    by_node = collections.defaultdict(list)
+    for g in groups:
+        if g.layout.shape[0] == 1 and g.frozen is None and g.kind in ("v", "mlp"):
+            for node, _ in g.members:
+                by_node[node].append(g)
+    for node, gs in by_node.items():
+        for lab, span in (e for e in node.meta.get(COMPS_KEY) or []
+                          if isinstance(e, tuple) and len(e) == 2 and len(e[1]) == 2):
+            layout = _layout(lab, span, comps)
+            for g in gs:
+                if g.layout.shape[0] == 1:
+                    _adopt_head_layout(g, layout)
 
 
 def _adopt_head_layout(group: ChannelGroup, layout: np.ndarray) -> None:

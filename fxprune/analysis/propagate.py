@@ -40,7 +40,7 @@ from fxprune.analysis.values import (
     structure,
 )
 from fxprune.meta import COMPS_KEY
-from fxprune.ops import fetch_attr
+from fxprune.ops import fetch_attr, op_name
 
 
 def _onto_unit_dims(tvs: list[TV], operands, out_letters: str, sizes) -> list[TV]:
@@ -117,9 +117,23 @@ class Propagator:
         for node in self.gm.graph.nodes:
             self.current = node
             shape_of(node)
-            self.env[node] = apply_rule(self, node)
+            try:
+                self.env[node] = apply_rule(self, node)
+            except Exception as exc:  # noqa: BLE001 - one op's rule never costs the model
+                self.env[node] = self.rule_failed(node, exc)
             node.meta[COMPS_KEY] = comps_meta(self.env[node])
         return self
+
+    def rule_failed(self, node: torch.fx.Node, exc: Exception) -> Any:
+        """A rule raised: the channels reaching ``node`` stay dense (frozen with the
+        error as the reason) and its output carries no labels, as for an unknown op."""
+        first = str(exc).splitlines()[0][:160] if str(exc) else ""
+        what = f"the rule of {op_name(node, self.gm) or node.target} raised " \
+            f"{type(exc).__name__}: {first}"
+        for a in node.all_input_nodes:
+            self.freeze(self.value(a), what)
+        self.opaque.append((node, what))
+        return self.unlabeled_like(node)
 
     # -- values ---------------------------------------------------------------------------
     def value(self, arg) -> Any:
@@ -314,7 +328,14 @@ class Propagator:
                     continue
                 free_kept = [ch for ch in ls if ch in out_letters and
                              sum(ch in o[1] for o in operands) == 1]
-                if free_kept:
+                if free_kept and self._against_params_only(tvs, operands, i, ls):
+                    # heads kept by this operand alone, channels contracted against a
+                    # parameter that has no heads (a relative-position table read by q):
+                    # the parameter's channel j meets channel j of every head, so every
+                    # head keeps the same indices
+                    for ch in free_kept:
+                        self.store.collapse(c.lab, letters.index(ch))
+                elif free_kept:
                     self.store.freeze(c.lab, "a contracted channel dim is paired with a "
                                       f"kept channel dim at {self.current.name}")
                 contracted_comps.append((i, c))
@@ -391,6 +412,13 @@ class Propagator:
                 set(c.span) >= set(fresh_heads.span) for c in out_comps):
             out_comps.append(fresh_heads)
         return out_comps
+
+    @staticmethod
+    def _against_params_only(tvs, operands, i, span_letters) -> bool:
+        """Every other operand that holds one of ``span_letters`` is a parameter."""
+        others = [j for j, (_, ls) in enumerate(operands)
+                  if j != i and set(ls) & set(span_letters)]
+        return bool(others) and all(tvs[j].soft and tvs[j].param is not None for j in others)
 
     def _freeze_on_unread_batch(self, tvs, operands, carried, batch, sizes) -> None:
         """Channels carried along a batch letter (e.g. heads) that another activation operand

@@ -4,7 +4,7 @@ Subcommands::
 
     fxprune analyze MODEL [--json] [--input-size H W] [-v]
     fxprune prune   MODEL [--macs-ratio 0.7] [--criterion similarity] [--align 8]
-                          [--out pruned.pt2] [--json] [--input-size H W]
+                          [--out pruned.pt2] [--json] [--input-size H W] [--strict]
     fxprune demo
     fxprune bench   [--models NAME ...] [--out FILE] [--repeats 5] [--threads 2]
 
@@ -12,7 +12,9 @@ Subcommands::
 ``torchvision:<name>``, ``fxprune:<factory>`` or ``path/to/file.py:<factory>``.
 
 Errors fxprune raises on purpose (:class:`fxprune.errors.FxPruneError`) are printed as one
-paragraph on stderr with exit status 2; ``--debug`` adds the traceback. Anything else is a bug
+paragraph on stderr with exit status 2; ``--debug`` adds the traceback. ``prune`` prints
+what it could not prune (frozen groups and why); with ``--strict`` a missed MACs target
+exits with status 3 (``EXIT_TARGET_MISSED``). Anything else is a bug
 and shows its traceback.
 
 Example:
@@ -41,9 +43,11 @@ from typing import Any
 import torch
 
 from fxprune.errors import FxPruneError, InputError
-from fxprune.meta import PLAN_KEY, SUMMARY_KEY
+from fxprune.meta import PLAN_KEY, REPORT_KEY, SUMMARY_KEY
 
 PROG = "fxprune"
+#: exit status of `fxprune prune --strict` when the MACs target is missed
+EXIT_TARGET_MISSED = 3
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_SCRIPT = REPO_ROOT / "benchmarks" / "bench_analyze.py"
 
@@ -329,8 +333,9 @@ def cmd_prune(args) -> int:
                      "align": args.align, "macs_dense": dense, "macs_pruned": after,
                      "macs_ratio": after / dense if dense else None,
                      "summary": getattr(pruned, "meta", {}).get(SUMMARY_KEY),
+                     "report": getattr(pruned, "meta", {}).get(REPORT_KEY),
                      "plan": rows, "out": args.out, "saved": saved, "warnings": notes})
-        return 0
+        return _strict_status(args, pruned)
     print(f"model: {args.model}  input: {_shape_text(x)}  criterion: {args.criterion}  "
           f"align: {args.align}")
     print(f"MACs: {_fmt_macs(dense)} -> {_fmt_macs(after)} "
@@ -338,8 +343,26 @@ def cmd_prune(args) -> int:
           f"{args.macs_ratio:g})")
     print()
     print(_result_table(model, pruned, rows))
+    report = getattr(pruned, "meta", {}).get(REPORT_KEY)
+    if report:
+        from fxprune.planning.report import format_report
+
+        print()
+        print(format_report(report))
     if args.out:
         print(f"\nsaved: {args.out} ({saved})")
+    return _strict_status(args, pruned)
+
+
+def _strict_status(args, pruned) -> int:
+    """0, or ``EXIT_TARGET_MISSED`` under ``--strict`` when the target was missed."""
+    report = getattr(pruned, "meta", {}).get(REPORT_KEY) or {}
+    if getattr(args, "strict", False) and report.get("target_met") is False:
+        from fxprune.planning.report import report_blockers
+
+        print(f"{PROG}: error: MACs target {args.macs_ratio:g} missed (reached "
+              f"{report['reached']}); blocked by: {report_blockers(report)}", file=sys.stderr)
+        return EXIT_TARGET_MISSED
     return 0
 
 
@@ -476,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-dense", action="append", default=None, metavar="PATTERN",
                    help="parameter-name glob (e.g. 'blocks.0.*'): every channel group coupled "
                    "to a matching parameter stays dense (repeatable)")
+    p.add_argument("--strict", action="store_true",
+                   help=f"a missed MACs target is an error (exit status {EXIT_TARGET_MISSED})")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("demo", parents=[common], help="the demo job (what `make demo` runs)",
@@ -500,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 2 usage or fxprune error)."""
+    """Run the command line; returns the exit status (0 ok, 2 usage or fxprune error, 3 a
+    missed target under ``prune --strict``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)

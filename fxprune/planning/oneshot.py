@@ -26,7 +26,7 @@ import torch
 import torch.fx
 
 from fxprune.analysis.engine import analyze
-from fxprune.errors import InputError, PlanError
+from fxprune.errors import InputError, PlanError, SliceError
 from fxprune.macs import count_macs
 from fxprune.meta import (
     ANALYSIS_FINGERPRINT_KEY,
@@ -38,11 +38,14 @@ from fxprune.meta import (
     MACS_RATIO_KEY,
     PLAN_DATA_KEY,
     PLAN_KEY,
+    REPORT_KEY,
     SUMMARY_KEY,
 )
 from fxprune.planning.allocation import Kept, allocate, keep_masks
 from fxprune.planning.criteria import CRITERIA, channel_scores
+from fxprune.planning.freeze import as_inputs, freeze_unsliceable, unsliceable
 from fxprune.planning.plan import Plan
+from fxprune.planning.report import prune_report, report_blockers
 from fxprune.tracing import trace
 
 WHERE = "fxprune.prune"
@@ -111,6 +114,9 @@ def _plan(model, example_inputs, macs_ratio, criterion, align, seed, prepare, de
                     for gi in (analysis.attention[i].qk_group, analysis.attention[i].v_group)}
     dense_groups |= groups_of_params(analysis, keep_dense)
     prunable = [g for g in analysis.groups if g.prunable and g.index not in dense_groups]
+    # a group the slicer cannot slice exactly stays dense (frozen with the reason)
+    freeze_unsliceable(gm, analysis, [g.index for g in prunable], as_inputs(example_inputs))
+    prunable = [g for g in prunable if g.frozen is None]
     if not prunable:
         reasons = sorted({g.frozen for g in analysis.groups if g.frozen})
         raise PlanError(WHERE, "the analysis found no prunable channel group"
@@ -177,9 +183,26 @@ def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simi
     gm, analysis, masks, dense = (decided.graph_module, decided.analysis, decided.masks,
                                   decided.dense_macs)
     model_storages = _storages(gm)
-    result = Slice(keep=masks, inplace=True)(gm) if masks else None
+    try:
+        result = Slice(keep=masks, inplace=True)(gm) if masks else None
+    except SliceError:
+        # the planned masks fail where the trial ones passed: plan again, leave the groups
+        # that fail with their planned masks dense (frozen, in the report)
+        decided = _plan(model, example_inputs, macs_ratio, criterion, align, seed, prepare,
+                        dense_sites, heads, match_qk_v, share_params=True)
+        gm, analysis, masks = decided.graph_module, decided.analysis, decided.masks
+        for gi, why in unsliceable(gm, analysis, masks, as_inputs(example_inputs)).items():
+            analysis.groups[gi].frozen = f"{why} (with its planned mask)"
+            del masks[gi]
+        result = Slice(keep=masks, inplace=True)(gm) if masks else None
     pruned = result.graph_module if result is not None else _dense_copy(gm)
     _own_tensors(pruned, model_storages)
+    if isinstance(model, torch.nn.Module):
+        # tensor constants the trace made (a rotary table computed in forward) are sliced
+        # with their group but are not the model's: the plan names only the model's tensors
+        owned = dict(model.named_parameters(remove_duplicate=False))
+        owned.update(model.named_buffers(remove_duplicate=False))
+        pruned.meta[PLAN_KEY] = {n: d for n, d in pruned.meta[PLAN_KEY].items() if n in owned}
     reached = count_macs(pruned) / dense
     pruned.meta[MACS_RATIO_KEY] = round(reached, 4)
     pruned.meta[DENSE_MACS_KEY] = dense
@@ -191,10 +214,11 @@ def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simi
     pruned.meta[PLAN_DATA_KEY].info.update(macs_ratio=round(reached, 4), dense_macs=int(dense),
                                            criterion=criterion, align=align)
     _note_fixed_sizes(gm, pruned)
-    if reached > float(macs_ratio) + 0.02:
+    pruned.meta[REPORT_KEY] = report = prune_report(analysis, masks, macs_ratio, reached)
+    if not report["target_met"]:
         warnings.warn(f"fxprune.prune: reached macs_ratio {reached:.3f}, above the target "
                       f"{macs_ratio} (the unfrozen groups cannot go lower at align={align}); "
-                      "frozen groups stay dense", stacklevel=2)
+                      f"frozen groups stay dense: {report_blockers(report)}", stacklevel=2)
     return pruned
 
 

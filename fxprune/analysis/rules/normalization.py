@@ -164,7 +164,10 @@ def _batch_norm_fn(p: Propagator, node) -> Any:
         return p.unlabeled_like(node)
     extra = x.ndim - 2
     operands = [x]
-    for a in node.args[1:5]:
+    # the per-channel tensors (weight, bias, running stats), positional or by keyword
+    per_channel = list(node.args[1:5]) + [node.kwargs.get(k) for k in (
+        "running_mean", "running_var", "weight", "bias")]
+    for a in per_channel:
         t = p.tv(a) if isinstance(a, torch.fx.Node) else None
         if t is not None:
             operands.append(TV([Comp(c.lab.reshape((1,) + c.lab.shape + (1,) * extra),
