@@ -185,7 +185,7 @@ HF_ARCHS = {
     "hf_swinv2": ("Swinv2Config", dict(_HIER, window_size=4)),
     "hf_levit": ("LevitConfig", dict(image_size=64, hidden_sizes=[64, 96],
                                      num_attention_heads=[2, 3],
-                                     depths=[1, 1], key_dim=[16, 16], drop_path_rate=0.0,
+                                     depths=[1, 1], key_dim=[16, 16],
                                      mlp_ratio=[2, 2], attention_ratio=[2, 2],
                                      down_ops=[["Subsample", 16, 4, 4, 2, 2]])),
     "hf_mobilevit": ("MobileViTConfig", dict(image_size=64)),
@@ -244,7 +244,7 @@ def build(spec: dict):
             config.num_labels = 10
         try:
             model = transformers.AutoModelForImageClassification.from_config(config)
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, TypeError):
             model = transformers.AutoModel.from_config(config)
     model.eval()
     x = torch.randn(*spec["input"])

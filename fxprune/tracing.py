@@ -303,8 +303,10 @@ def trace(model: Any, example_inputs: Any) -> torch.fx.GraphModule:
 
     ``model`` may be an ``nn.Module`` (torch.fx symbolic tracing; optional forward arguments
     are fixed to their defaults), a ``GraphModule`` (copied), or a
-    ``torch.export.ExportedProgram`` (unlifted with ``.module()``; use this for models plain
-    fx cannot trace, such as Hugging Face ViT). The input model is never modified.
+    ``torch.export.ExportedProgram`` (unlifted with ``.module()``). A module torch.fx cannot
+    trace is traced with ``torch.export`` instead, with a warning and the reason in
+    ``gm.meta["fxprune.trace_fallback"]``. The input model is never modified: whatever its
+    forward caches on it during tracing is undone (:mod:`fxprune.modstate`).
 
     Example:
         >>> import torch, fxprune
