@@ -119,3 +119,31 @@ def test_hugging_face_swin_through_export():
     reference = outputs(zeroed_original(model, pruned.meta["fxprune.plan"]), x)
     assert rel_err(outputs(pruned, x), reference) < 1e-4
     assert pruned.meta["fxprune.macs_ratio"] <= 0.72
+
+
+class PlainTableMLP(nn.Module):
+    """A per-channel table kept as a plain tensor attribute (not a parameter or buffer), as
+    rotary tables are: fx makes it a ``_tensor_constant``, which the slicer slices with the
+    channels, but the model has no such name, so the plan must not list it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 64), nn.Linear(64, 16)
+        self.tables = (torch.linspace(0.5, 1.5, 64),)  # not reachable by an attribute path
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x) * self.tables[0]))
+
+
+def test_plan_names_only_the_models_own_tensors():
+    torch.manual_seed(0)
+    model, x = PlainTableMLP().eval(), torch.randn(4, 16)
+    gm = fxprune.trace(model, x)
+    assert any(n.op == "get_attr" and n.target.startswith("_tensor_constant")
+               for n in gm.graph.nodes)
+    pruned = fxprune.prune(model, x, macs_ratio=0.5, align=4, criterion="l1")
+    plan = pruned.meta["fxprune.plan"]
+    own = {n for n, _ in model.named_parameters()}
+    assert plan and set(plan) <= own and "fc1.weight" in plan
+    reference = outputs(zeroed_original(model, plan), x)
+    assert rel_err(outputs(pruned, x), reference) < 1e-5
