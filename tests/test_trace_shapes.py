@@ -147,3 +147,33 @@ def test_plan_names_only_the_models_own_tensors():
     assert plan and set(plan) <= own and "fc1.weight" in plan
     reference = outputs(zeroed_original(model, plan), x)
     assert rel_err(outputs(pruned, x), reference) < 1e-5
+
+
+class DepthwiseConvMLP(nn.Module):
+    """An MLP with a depthwise conv on its hidden channels (PVTv2, TinyViT): exported, the
+    conv is ``aten.conv2d(x, w, b, stride, padding, dilation, groups)`` with ``groups`` a
+    constant equal to the hidden width, which slicing must shrink with the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 64), nn.Linear(64, 16)
+        self.dw = nn.Conv2d(64, 64, 3, padding=1, groups=64)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        h = self.fc1(x).transpose(1, 2).reshape(b, 64, 4, 4)
+        h = self.dw(h).flatten(2).transpose(1, 2)
+        return self.fc2(F.gelu(h))
+
+
+def test_exported_depthwise_conv_groups_follow_the_kept_channels():
+    torch.manual_seed(0)
+    model, x = DepthwiseConvMLP().eval(), torch.randn(2, 16, 16)
+    ep = torch.export.export(model, (x,))
+    convs = [n for n in ep.graph.nodes if "conv2d" in str(n.target)]
+    assert [n.args[6] for n in convs] == [64]
+    pruned = fxprune.prune(ep, x, macs_ratio=0.5, align=8, criterion="l1")
+    kept = [n.args[6] for n in pruned.graph.nodes if "conv2d" in str(n.target)]
+    assert len(kept) == 1 and 8 <= kept[0] < 64 and kept[0] % 8 == 0
+    reference = outputs(zeroed_original(model, pruned.meta["fxprune.plan"]), x)
+    assert rel_err(outputs(pruned, x), reference) < 1e-5
