@@ -427,9 +427,10 @@ def status_of(res: dict) -> str:
         return "wrong"
     if not res.get("sites"):
         return "missed"
-    if res.get("macs_ratio") is not None and res["macs_ratio"] <= TARGET + TOLERANCE:
+    ratio = res.get("macs_ratio")
+    if ratio is not None and abs(ratio - TARGET) <= TOLERANCE:
         return "exact"
-    return "partial"
+    return "below" if ratio is not None and ratio < TARGET else "partial"
 
 
 def _worker(spec_json: str) -> None:
@@ -525,11 +526,19 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "results" / "zoo_sweep.json"))
     ap.add_argument("--results-md", action="store_true", help="write the table into RESULTS.md")
     ap.add_argument("--list", action="store_true", help="print the families and stop")
+    ap.add_argument("--rerender", action="store_true",
+                    help="rebuild the statuses and the table from --out without running")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         _worker(args.worker)
         return 0
+    if args.rerender:
+        doc = json.loads(Path(args.out).read_text())
+        for r in doc["results"]:
+            r["status"] = status_of(r) if r["status"] not in ("timeout",) else r["status"]
+        doc["summary"] = summary(doc["results"])
+        return _write(doc, args)
     t0 = time.perf_counter()
     wanted = [f.strip() for f in (args.families or "").split(",") if f.strip()]
     fams = enumerate_families(set(wanted) if wanted else None)
@@ -565,14 +574,20 @@ def main(argv=None) -> int:
            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                     text=True, cwd=ROOT).stdout.strip(),
            "summary": summary(results), "results": results}
+    return _write(doc, args)
+
+
+def _write(doc: dict, args) -> int:
+    results, wall = doc["results"], doc["wall_s"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=1, default=str) + "\n")
-    md = (f"{SECTION}\n\n`OMP_NUM_THREADS=1 python benchmarks/zoo_sweep.py --jobs {args.jobs} "
+    md = (f"{SECTION}\n\n`OMP_NUM_THREADS=1 python benchmarks/zoo_sweep.py --jobs {doc['jobs']} "
           f"--results-md` at commit {doc['commit']} ({doc['machine']}, torch {doc['torch']}): "
           f"{len(results)} families, wall time {wall / 60:.1f} min. Target macs_ratio {TARGET}; "
           f"`exact`: the pruned model equals the original with the plan's entries zeroed "
           f"(relative error < {EXACT_REL:g}); status `exact` = exact and within {TOLERANCE} of "
-          f"the target, `partial` = exact but above it, `refused` = a typed fxprune error, "
+          f"the target, `partial` = exact but above it, `below` = exact but further below it, "
+          f"`refused` = a typed fxprune error, "
           f"`crashed` = any other error, `missed` = no attention site found, `modified` = an "
           f"fxprune call changed the model. Summary: "
           + ", ".join(f"{k} {v}" for k, v in sorted(doc["summary"].items())) + ".\n\n"
@@ -581,7 +596,6 @@ def main(argv=None) -> int:
     if args.results_md:
         write_results_md(md)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

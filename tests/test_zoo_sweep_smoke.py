@@ -46,6 +46,8 @@ def test_status_rules():
     base = {"unchanged": True, "exact": True, "sites": 3, "macs_ratio": 0.70}
     assert sweep.status_of(base) == "exact"
     assert sweep.status_of(dict(base, macs_ratio=0.85)) == "partial"
+    assert sweep.status_of(dict(base, macs_ratio=0.5)) == "below"
+    assert sweep.status_of(dict(base, macs_ratio=0.69)) == "exact"
     assert sweep.status_of(dict(base, exact=False)) == "wrong"
     assert sweep.status_of(dict(base, sites=0)) == "missed"
     assert sweep.status_of(dict(base, unchanged=False)) == "modified"
