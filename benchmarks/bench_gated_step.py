@@ -67,9 +67,10 @@ def build(args):
     import fxprune
     from fxprune.amap.macs_model import MacsModel
     from fxprune.amap.search import SearchConfig, refresh_similarity
+    from fxprune.meta import INDICATOR_GATE_PREFIX
+    from fxprune.passbase import copy_graph_module
     from fxprune.passes.insert_indicators import InsertIndicators, indicator_modules
     from fxprune.pipeline import prepare
-    from fxprune.planning.oneshot import _own_copy
 
     torch.manual_seed(args.seed)
     kw = {"img_size": args.img_size} if args.img_size else {}
@@ -81,8 +82,8 @@ def build(args):
     cfg = SearchConfig()
     ce = nn.CrossEntropyLoss()
 
-    dense_fx, _ = prepare(_own_copy(fxprune.trace(model, x[:1])))
-    gated, _ = prepare(_own_copy(fxprune.trace(model, x[:1])))
+    dense_fx, _ = prepare(copy_graph_module(fxprune.trace(model, x[:1])))
+    gated, _ = prepare(copy_graph_module(fxprune.trace(model, x[:1])))
     analysis = fxprune.analyze(gated)
     macs_model = MacsModel(gated, analysis)
     gated = InsertIndicators(tau=cfg.tau, similarity=True, sync=True,
@@ -129,7 +130,7 @@ def build(args):
         variants = [v for v in variants if v["name"] != "dense-fx"]
     info = {"indicators": len(indicators),
             "gate_sites": sum(1 for n in gated.graph.nodes if n.op == "call_module"
-                              and str(n.target).startswith("fxprune_indgate_")),
+                              and str(n.target).startswith(INDICATOR_GATE_PREFIX)),
             "indicator_units": sum(ind.m.numel() for ind in indicators.values()),
             "dense_macs": int(macs_model.dense)}
     return variants, refresh, cfg.similarity_every, info

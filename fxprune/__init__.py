@@ -24,7 +24,7 @@ from fxprune.tracing import trace
 
 __all__ = [
     "AnalysisError", "FxPruneError", "InputError", "PassOrderError", "PlanError", "SliceError",
-    "TraceError", "trace", "analyze", "count_macs", "prune",
+    "TraceError", "trace", "prepare", "analyze", "count_macs", "prune",
 ]
 
 
@@ -32,6 +32,9 @@ def __getattr__(name):  # lazy: keep `import fxprune` cheap and free of import c
     if name == "analyze":
         from fxprune.analysis.engine import analyze
         return analyze
+    if name == "prepare":
+        from fxprune.pipeline import prepare
+        return prepare
     if name == "count_macs":
         from fxprune.macs import count_macs
         return count_macs

@@ -47,6 +47,11 @@ class AnalysisError(FxPruneError):
     recorded as frozen groups)."""
 
 
+class DecomposeError(FxPruneError):
+    """A decompose pass met an input it does not support (raised with ``strict=True``; by
+    default the node is left alone and the reason recorded in ``PassResult.info["refused"]``)."""
+
+
 class PassOrderError(FxPruneError):
     """A pass was run before the pass it depends on."""
 
@@ -57,3 +62,14 @@ class PlanError(FxPruneError, ValueError):
 
 class SliceError(FxPruneError):
     """Slicing could not produce an exact smaller graph."""
+
+
+def first_line(exc: BaseException) -> str:
+    """``"TypeName: first line of the message"``, for a reason quoted inside another message.
+
+    Example:
+        >>> first_line(ValueError("bad shape" + chr(10) + "more detail"))
+        'ValueError: bad shape'
+    """
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

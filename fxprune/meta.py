@@ -55,6 +55,14 @@ SUMMARY_KEY = "fxprune.summary"
 #: on a refined AMAP model: whether it was physically sliced
 SLICED_KEY = "fxprune.sliced"
 
+# -- names of the submodules passes insert ------------------------------------------------
+#: gates of insert-gates: ``fxprune_gate_g<group>_<sink>``
+GATE_PREFIX = "fxprune_gate_"
+#: gates of insert-indicators: ``fxprune_indgate_g<group>_<sink>``
+INDICATOR_GATE_PREFIX = "fxprune_indgate_"
+#: the indicators those gates read: ``fxprune_indicator_g<group>``
+INDICATOR_PREFIX = "fxprune_indicator_"
+
 
 def node_shape(node: torch.fx.Node) -> tuple[int, ...] | None:
     """The concrete shape of a tensor-valued node (None when it is not a tensor or unknown).

@@ -1,5 +1,7 @@
 """The pass contract: ``requires -> run -> ensures``, options in a frozen dataclass, a stable
-kebab-case ``name``, and a :class:`PassResult` that says what changed.
+kebab-case ``name``, and a :class:`PassResult` that says what changed. Passes are torch
+passes (:class:`torch.fx.passes.infra.pass_base.PassBase`), so torch's ``PassManager`` runs
+them too.
 
 Example:
     >>> import dataclasses, torch.fx
@@ -23,34 +25,48 @@ from typing import Any, ClassVar
 
 import torch
 import torch.fx
+from torch.fx.passes.infra import pass_base as torch_pass_base
 
 from fxprune.errors import FxPruneError, PassOrderError
 from fxprune.meta import ANALYSIS_KEY
 
 
-@dataclasses.dataclass
-class PassResult:
-    """What a pass returns: the (possibly new) GraphModule, whether it changed, and a list of
-    human-readable change records (one per rewrite)."""
+class PassResult(torch_pass_base.PassResult):
+    """What a pass returns: the (possibly new) GraphModule, whether it changed, a list of
+    human-readable change records (one per rewrite) and pass-specific ``info``.
 
-    graph_module: torch.fx.GraphModule
-    modified: bool
-    changes: list[str] = dataclasses.field(default_factory=list)
-    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    It is a :class:`torch.fx.passes.infra.pass_base.PassResult` (the named tuple
+    ``(graph_module, modified)``) with ``changes`` and ``info`` added, so torch's
+    :class:`~torch.fx.passes.infra.pass_manager.PassManager` runs fxprune passes as they are.
+
+    Example:
+        >>> import torch.fx
+        >>> gm, modified = PassResult(torch.fx.symbolic_trace(torch.nn.ReLU()), False, ["x"])
+        >>> modified
+        False
+    """
+
+    def __new__(cls, graph_module: torch.fx.GraphModule, modified: bool,
+                changes: list[str] | None = None, info: dict[str, Any] | None = None
+                ) -> PassResult:
+        self = super().__new__(cls, graph_module, modified)
+        self.changes = list(changes) if changes is not None else []
+        self.info = dict(info) if info is not None else {}
+        return self
 
     def __repr__(self) -> str:
         return (f"PassResult(modified={self.modified}, changes={len(self.changes)}"
                 + (f", info={list(self.info)}" if self.info else "") + ")")
 
 
-class FxPass:
-    """Base class of fxprune passes.
+class FxPass(torch_pass_base.PassBase):
+    """Base class of fxprune passes: a :class:`torch.fx.passes.infra.pass_base.PassBase`.
 
     Subclasses set ``name`` (stable, kebab-case) and ``Options`` (a frozen dataclass) and
-    implement :meth:`run`. :meth:`requires` checks preconditions and raises
-    :class:`PassOrderError` naming the pass to run first; :meth:`ensures` checks the result
-    (by default: the graph lints and, when the pass changed something, the module recompiles;
-    :meth:`run` need not recompile itself).
+    implement :meth:`run` (torch's :meth:`call` runs it). :meth:`requires` checks
+    preconditions and raises :class:`PassOrderError` naming the pass to run first;
+    :meth:`ensures` checks the result (by default: the graph lints and, when the pass changed
+    something, the module recompiles; :meth:`run` need not recompile itself).
     """
 
     name: ClassVar[str] = "fx-pass"
@@ -64,29 +80,37 @@ class FxPass:
         self.options = options
 
     # -- contract -----------------------------------------------------------------------
-    def requires(self, gm: torch.fx.GraphModule) -> None:
-        if not isinstance(gm, torch.fx.GraphModule):
+    def requires(self, graph_module: torch.fx.GraphModule) -> None:
+        if not isinstance(graph_module, torch.fx.GraphModule):
             raise PassOrderError(self.name, "expected a torch.fx.GraphModule, got "
-                                 f"{type(gm).__name__}",
+                                 f"{type(graph_module).__name__}",
                                  hint="call fxprune.trace(model, example_inputs) first")
 
     def run(self, gm: torch.fx.GraphModule) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def ensures(self, result: PassResult) -> None:
-        gm = result.graph_module
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        """torch's name for :meth:`run`."""
+        return self.run(graph_module)
+
+    def ensures(self, graph_module: torch.fx.GraphModule,
+                result: PassResult | None = None) -> None:
+        """Check the graph the pass returned (``result`` says whether it changed; without it,
+        as torch's ``PassBase`` calls it, the graph is checked as changed)."""
+        changed = result is None or result.modified or bool(result.changes)
         try:
-            gm.graph.lint()
-            if result.modified or result.changes:  # an unchanged module's code is current
-                gm.recompile()
+            graph_module.graph.lint()
+            if changed:  # an unchanged module's code is current
+                graph_module.recompile()
         except Exception as exc:  # a broken graph is a bug in the pass: say which one
             raise FxPruneError(self.name, f"pass left an invalid graph: {exc}",
                                hint="report this as an fxprune bug with the model") from exc
 
-    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
-        self.requires(gm)
-        result = self.run(gm)
-        self.ensures(result)
+    def __call__(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        # PassBase.__call__ checks the graph it was given; a pass that copies returns another
+        self.requires(graph_module)
+        result = self.call(graph_module)
+        self.ensures(result.graph_module, result)
         return result
 
     def __repr__(self) -> str:

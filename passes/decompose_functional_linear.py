@@ -60,17 +60,11 @@ import torch.fx
 import torch.nn.functional as F
 from torch.fx.node import Node
 
-from fxprune.meta import LINEAR_KEY
+from fxprune.meta import DECOMPOSED_FROM_KEY, LINEAR_KEY
 from fxprune.passbase import FxPass, PassResult
 
-from ._decompose_util import (
-    DECOMPOSED_FROM_KEY,
-    copy_for_rewrite,
-    linear_parts,
-    normalize_linear_biases,
-    refresh_meta,
-    require_shapes,
-)
+from ._support.fake_meta import copy_for_rewrite, refresh_meta, require_shapes
+from ._support.linear_bias import linear_parts, normalize_linear_biases
 
 __all__ = ["DecomposeFunctionalLinear", "DecomposeFunctionalLinearOptions", "LINEAR_KEY"]
 

@@ -63,18 +63,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.node import Node
 
+from fxprune.errors import DecomposeError
 from fxprune.passbase import FxPass, PassResult
 
-from ._decompose_util import (
-    DecomposeError,
-    InlineError,
-    WorldSet,
-    copy_for_rewrite,
-    inline_call,
-    refresh_meta,
-    replace_node,
-    require_shapes,
-)
+from ._support.fake_meta import copy_for_rewrite, refresh_meta, require_shapes
+from ._support.inline import inline_call, replace_node
+from ._support.worlds import InlineError, WorldSet
 
 __all__ = ["DecomposeMultiheadAttention", "DecomposeMhaOptions"]
 

@@ -4,7 +4,7 @@
 ``call_function`` nodes. This pass matches those nodes by the function object (never by a model
 or module class name) and replaces each by the function's own code, traced with the node's
 non-tensor arguments made concrete (window size, heads, shift, dropout, training flag) and its
-tensor arguments kept as the existing graph nodes (see ``passes/_decompose_util.py``). So:
+tensor arguments kept as the existing graph nodes (see ``passes/_support/inline.py``). So:
 
 * ``shifted_window_attention`` (Swin and Swin V2, cosine attention with ``logit_scale``) becomes
   pad / roll / window partition views, ``F.linear(x, <get_attr ...attn.qkv.weight>,
@@ -51,19 +51,13 @@ import torch
 import torch.fx
 from torch.fx.node import Node
 
+from fxprune.errors import DecomposeError
 from fxprune.passbase import FxPass, PassResult
 
-from ._decompose_util import (
-    DecomposeError,
-    InlineError,
-    WorldSet,
-    copy_for_rewrite,
-    inline_call,
-    normalize_linear_biases,
-    refresh_meta,
-    replace_node,
-    require_shapes,
-)
+from ._support.fake_meta import copy_for_rewrite, refresh_meta, require_shapes
+from ._support.inline import inline_call, replace_node
+from ._support.linear_bias import normalize_linear_biases
+from ._support.worlds import InlineError, WorldSet
 
 __all__ = ["DecomposeWindowAttention", "DecomposeWindowAttentionOptions", "wrapped_functions"]
 

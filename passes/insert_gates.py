@@ -32,7 +32,7 @@ import torch.fx
 from fxprune.amap.gates import ChannelGate, GateValues
 from fxprune.analysis.engine import get_analysis
 from fxprune.errors import PassOrderError
-from fxprune.meta import COMPS_KEY, GATES_KEY, SHAPE_KEY
+from fxprune.meta import COMPS_KEY, GATE_PREFIX, GATES_KEY, SHAPE_KEY
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
 
 
@@ -64,7 +64,7 @@ class InsertGates(FxPass):
                 continue
             values = GateValues(g.index, g.layout.shape[0], g.layout.shape[1])
             position = {int(c): i for i, c in enumerate(g.layout.ravel())}
-            names = gate_sinks(out, analysis, g, position, f"fxprune_gate_g{g.index}",
+            names = gate_sinks(out, analysis, g, position, f"{GATE_PREFIX}g{g.index}",
                                lambda index, g=g, values=values: ChannelGate(
                                    g.index, *g.layout.shape, index, values))
             gates[g.index] = [name for name, _ in names]

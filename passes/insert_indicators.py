@@ -30,7 +30,7 @@ import torch.fx
 from fxprune.amap.indicators import Indicator, IndicatorGate
 from fxprune.analysis.engine import get_analysis
 from fxprune.errors import PassOrderError
-from fxprune.meta import INDICATORS_KEY
+from fxprune.meta import INDICATOR_GATE_PREFIX, INDICATOR_PREFIX, INDICATORS_KEY
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
 
 from .insert_gates import gate_sinks
@@ -56,7 +56,7 @@ class InsertIndicators(FxPass):
                                  hint="run insert-indicators once per graph")
 
     def run(self, gm: torch.fx.GraphModule) -> PassResult:
-        from fxprune.planning.oneshot import _units
+        from fxprune.planning.units import group_units
 
         out = gm if self.options.inplace else copy_graph_module(gm)
         analysis = get_analysis(out, self.name)
@@ -65,14 +65,14 @@ class InsertIndicators(FxPass):
         for g in analysis.groups:
             if not g.prunable:
                 continue
-            units = _units(g, np.zeros(g.layout.shape))
+            units = group_units(g, np.zeros(g.layout.shape))
             unit_of = {int(c): i for i, c in enumerate(units.channels.ravel())}
             ind = Indicator(g.index, units.channels, tau=self.options.tau,
                             similarity=self.options.similarity, sync=self.options.sync)
-            ind_name = f"fxprune_indicator_g{g.index}"
+            ind_name = f"{INDICATOR_PREFIX}g{g.index}"
             out.add_submodule(ind_name, ind)
             indicators[g.index] = ind_name
-            names = gate_sinks(out, analysis, g, unit_of, f"fxprune_indgate_g{g.index}",
+            names = gate_sinks(out, analysis, g, unit_of, f"{INDICATOR_GATE_PREFIX}g{g.index}",
                                lambda index, ind=ind: IndicatorGate(ind, index))
             n_sites += len(names)
             changes += [f"indicator of group {g.index} ({g.kind}) before {n}" for _, n in names]

@@ -34,7 +34,10 @@ from fxprune.errors import InputError, PlanError, SliceError
 from fxprune.meta import (
     ANALYSIS_KEY,
     COMPS_KEY,
+    GATE_PREFIX,
     GATES_KEY,
+    INDICATOR_GATE_PREFIX,
+    INDICATOR_PREFIX,
     INDICATORS_KEY,
     INPUT_SHAPES_KEY,
     PLAN_KEY,
@@ -151,12 +154,12 @@ def _remove_gates(gm: torch.fx.GraphModule) -> list[str]:
     changes = []
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and str(node.target).startswith(
-                ("fxprune_gate_", "fxprune_indgate_")):
+                (GATE_PREFIX, INDICATOR_GATE_PREFIX)):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             changes.append(f"removed gate {node.target}")
     for name, _ in list(gm.named_children()):
-        if name.startswith(("fxprune_gate_", "fxprune_indgate_", "fxprune_indicator_")):
+        if name.startswith((GATE_PREFIX, INDICATOR_GATE_PREFIX, INDICATOR_PREFIX)):
             delattr(gm, name)
     gm.meta.pop(INDICATORS_KEY, None)
     return changes

@@ -87,7 +87,7 @@ class SplitFusedHeads(FxPass):
             out.meta.pop(ANALYSIS_KEY, None)  # it describes the old graph
             out.graph.eliminate_dead_code()  # ensures() recompiles
             shapes = out.meta.get(INPUT_SHAPES_KEY)
-            if shapes and not _local_vals(out, created, replaced):
+            if shapes and not local_meta_values(out, created, replaced):
                 propagate_shapes(out, example_zeros(out), where=self.name)
         return PassResult(out, bool(changes), changes,
                           {"rewritten": len(changes), "refused": refused})
@@ -193,7 +193,7 @@ def _same_meta(a, b) -> bool:
             and a.stride() == b.stride() and a.storage_offset() == b.storage_offset())
 
 
-def _local_vals(gm, created, replaced) -> bool:
+def local_meta_values(gm, created, replaced) -> bool:
     """``node.meta["val"]`` of the new nodes, computed from their inputs' values, instead of a
     shape propagation over the whole graph. Only where the whole graph's values come from
     the meta-tensor propagation (what the full one would run again), and only when each part's

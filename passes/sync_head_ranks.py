@@ -100,7 +100,7 @@ class SyncHeadRanks(FxPass):
 
     def run(self, gm: torch.fx.GraphModule) -> PassResult:
         from fxprune.analysis.engine import get_analysis
-        from fxprune.planning.oneshot import _units
+        from fxprune.planning.units import group_units
 
         analysis = get_analysis(gm, self.name)
         changes = []
@@ -108,7 +108,7 @@ class SyncHeadRanks(FxPass):
             g = analysis.groups[group]
             # rank units, not positions: positions that share a channel (rotary pairs, a
             # parameter shared by all heads) must be kept or dropped together
-            units = _units(g, gate.values.detach().double().numpy())
+            units = group_units(g, gate.values.detach().double().numpy())
             mode = self.options.mode
             if mode == "rank" and units.channels.shape[0] == 1 and g.layout.shape[0] > 1:
                 mode = "same-index"

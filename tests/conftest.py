@@ -19,8 +19,15 @@ settings.register_profile(
 settings.load_profile("ci")
 
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Shared test helpers (model zoo, generator, exactness checks, benchmark loader) live in
+# tests/support/ and are imported by their module names (``from zoo import ZOO``).
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
 
 @pytest.fixture

@@ -1037,7 +1037,8 @@ def test_grouped_query_attention_is_pruned_not_refused(name):
     """The q heads of one k/v head share their q/k channels. The planner took all shared
     channels as one row of units and kept uneven counts per head ([4, 4, 2, 2]: the slicer
     refused every plan); heads with the same channel set are now one effective head
-    (``_units`` in fxprune/oneshot.py), and ``repeat_interleave`` has a rule (was opaque)."""
+    (``group_units`` in fxprune/planning/units.py), and ``repeat_interleave`` has a rule
+    (was opaque)."""
     model, x = VARIANTS[name]()
     for criterion in CRITERIA:
         pruned = _exact_or_refused(model, x, macs_ratio=0.5, criterion=criterion)

@@ -3,7 +3,7 @@ against hand-known structure (the zoo's ``truth``, published model configuration
 
 Three parts:
 
-- every zoo variant (``tests/zoo.py``): sites, head counts and dims, score scale, q/k and v
+- every zoo variant (``tests/support/zoo.py``): sites, head counts and dims, score scale, q/k and v
   coupling, the output projection, MLP widths, frozen groups;
 - real models, built once per module (``pretrained=False``, eval, batch 1): timm ViT / DeiT /
   DeiT III / Swin / ViT with ``qk_norm``, torchvision ViT and Swin after the decompose passes, a

@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxprune
-from fxprune.errors import FxPruneError, PassOrderError
+from fxprune.errors import DecomposeError, FxPruneError, PassOrderError
 from fxprune.meta import LINEAR_KEY
-from fxprune.passes._decompose_util import DecomposeError
 from fxprune.passes.decompose_functional_linear import DecomposeFunctionalLinear
 from fxprune.passes.decompose_mha import DecomposeMultiheadAttention
 from fxprune.passes.decompose_window_attention import DecomposeWindowAttention

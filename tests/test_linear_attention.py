@@ -147,11 +147,11 @@ def test_flatten_nano_prune_and_macs_model():
     assert any(r.get("kind") == "linear" and r["qk_dim_after"] < r["qk_dim"] for r in summary)
     gm, a = _prepared(model, x)
     masks = _random_masks(a, np.random.default_rng(5))
-    from fxprune.planning.oneshot import _units
+    from fxprune.planning.units import group_units
 
     keep = {}
     for gi, mask in masks.items():
-        units = _units(a.groups[gi], np.zeros(mask.shape))
+        units = group_units(a.groups[gi], np.zeros(mask.shape))
         keep[gi] = torch.tensor(np.isin(units.channels, a.groups[gi].layout[mask]),
                                 dtype=torch.float64)
     sliced = Slice(keep=masks)(gm).graph_module

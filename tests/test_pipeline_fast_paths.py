@@ -16,7 +16,7 @@ import fxprune.planning.criteria as criteria
 import fxprune.tracing as tracing
 from fxprune.models.reference import tiny_vit
 from fxprune.passbase import FxPass, PassResult
-from fxprune.passes.split_fused_heads import SplitFusedHeads, _local_vals
+from fxprune.passes.split_fused_heads import SplitFusedHeads, local_meta_values
 from fxprune.pipeline import prepare
 from zoo import ZOO
 
@@ -96,7 +96,7 @@ def _ref_median_distance(g, blocks):
 
 def _ref_scores(gm, analysis, criterion):
     groups = [g for g in analysis.groups if g.prunable]
-    blocks = criteria._features(gm, analysis, groups)
+    blocks = criteria.features(gm, analysis, groups)
     out = {}
     for g in groups:
         l1 = _ref_l1(g.layout.size, blocks[g.index])
@@ -116,18 +116,18 @@ def _ref_scores(gm, analysis, criterion):
 def test_feature_matrix_and_l1_equal_the_reference_exactly(name):
     gm, analysis = _tiny() if name == "tiny" else _zoo(name)
     groups = [g for g in analysis.groups if g.prunable]
-    blocks = criteria._features(gm, analysis, groups)
+    blocks = criteria.features(gm, analysis, groups)
     for g in groups:
         n = g.layout.size
         ref = _ref_feature_matrix(n, blocks[g.index])
-        np.testing.assert_array_equal(criteria._feature_matrix(n, blocks[g.index]), ref)
-        width, todo = criteria._parts(n, blocks[g.index])
+        np.testing.assert_array_equal(criteria.feature_matrix(n, blocks[g.index]), ref)
+        width, todo = criteria.feature_layout(n, blocks[g.index])
         f = np.full((n, width), np.nan, dtype=np.float32)  # stale scratch must not leak
-        parts = criteria._fill(f, blocks[g.index], todo)
+        parts = criteria.fill_features(f, blocks[g.index], todo)
         np.testing.assert_array_equal(f, ref)
         l1 = _ref_l1(n, blocks[g.index])
-        np.testing.assert_array_equal(criteria._l1(n, blocks[g.index]), l1)
-        np.testing.assert_array_equal(criteria._l1_from_matrix(n, f, parts), l1)
+        np.testing.assert_array_equal(criteria.l1_norms(n, blocks[g.index]), l1)
+        np.testing.assert_array_equal(criteria.l1_norms_from_matrix(n, f, parts), l1)
 
 
 @pytest.mark.parametrize("sketch,block", [(256, 768), (16, 8), (16, 1000), (4, 5)])
@@ -161,17 +161,17 @@ def test_max_abs_offdiag_blocked_equals_full_product(monkeypatch, block, sim_byt
     sim = ft @ ft.transpose(1, 2)
     sim.diagonal(dim1=1, dim2=2).zero_()
     ref = sim.abs().max(dim=2).values.numpy()
-    got = criteria._max_abs_offdiag(ft)
+    got = criteria.max_abs_offdiag(ft)
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
 
 
 def test_similarity_weight_single_group_api_unchanged():
-    """fxprune.search calls _similarity_weight(group, blocks) per group."""
+    """fxprune.search calls similarity_weight(group, blocks) per group."""
     gm, analysis = _tiny()
     groups = [g for g in analysis.groups if g.prunable]
-    blocks = criteria._features(gm, analysis, groups)
+    blocks = criteria.features(gm, analysis, groups)
     for g in groups:
-        np.testing.assert_allclose(criteria._similarity_weight(g, blocks[g.index]),
+        np.testing.assert_allclose(criteria.similarity_weight(g, blocks[g.index]),
                                    _ref_similarity_weight(g, blocks[g.index]), rtol=1e-6)
 
 
@@ -242,9 +242,9 @@ def test_split_fused_heads_local_values_equal_a_full_propagation(name):
 def test_split_fused_heads_local_values_need_meta_propagated_values():
     gm = fxprune.trace(tiny_vit(), torch.randn(1, 3, 32, 32))
     gm.meta[tracing.SHAPE_PROP_KEY] = "fake"  # e.g. values refreshed by fake tensors
-    assert _local_vals(gm, [], []) is False
+    assert local_meta_values(gm, [], []) is False
     gm.meta[tracing.SHAPE_PROP_KEY] = "meta"
-    assert _local_vals(gm, [], []) is True
+    assert local_meta_values(gm, [], []) is True
 
 
 @pytest.mark.parametrize("name", ["tiny", "rel_pos_bias", "swiglu_mlp", "fused_q_kv"])

@@ -1,4 +1,5 @@
-"""Properties over generated ViT-like models (tests/genmodels.py): nothing is silently wrong.
+"""Properties over generated ViT-like models (tests/support/genmodels.py): nothing is silently
+wrong.
 
 (a) trace + analyze never crashes, and the attention sites, head counts, head dims, scales,
     frozen q/k groups and which heads share their channels (grouped-query attention, the

@@ -23,6 +23,7 @@ from fxprune.amap.macs_model import MacsModel
 from fxprune.amap.search import SearchConfig, refine, refresh_similarity, search
 from fxprune.errors import InputError, PlanError
 from fxprune.models.reference import tiny_vit
+from fxprune.passbase import copy_graph_module
 from fxprune.passes.insert_indicators import (
     InsertIndicators,
     indicator_modules,
@@ -31,7 +32,7 @@ from fxprune.passes.insert_indicators import (
 from fxprune.passes.reweight import Reweight
 from fxprune.passes.slice import Slice
 from fxprune.pipeline import prepare
-from fxprune.planning.oneshot import _own_copy, _units
+from fxprune.planning.units import group_units
 from zoo import ZOO
 
 torch.set_num_threads(1)
@@ -46,7 +47,7 @@ IMG = (3, 32, 32)
 
 def _prepared(model, x):
     """What ``search`` does before inserting indicators: trace, own copy, prepare, analyse."""
-    gm, _ = prepare(_own_copy(fxprune.trace(model, x)))
+    gm, _ = prepare(copy_graph_module(fxprune.trace(model, x)))
     return gm, fxprune.analyze(gm)
 
 
@@ -66,7 +67,7 @@ def _random_masks(analysis, groups, rng):
     each head its own random units. Returns (masks over layouts, keep per unit)."""
     masks, keep = {}, {}
     for g in groups:
-        units = _units(g, np.zeros(g.layout.shape))
+        units = group_units(g, np.zeros(g.layout.shape))
         heads, n = units.channels.shape
         k = int(rng.integers(1, n + 1))
         chosen = np.stack([rng.permutation(n)[:k] for _ in range(heads)])
@@ -570,7 +571,7 @@ def test_unreachable_target_names_the_reachable_minimum(no_training):
     masks = {}
     for g in analysis.groups:
         if g.prunable:
-            units = _units(g, np.zeros(g.layout.shape))
+            units = group_units(g, np.zeros(g.layout.shape))
             masks[g.index] = np.isin(g.layout, units.channels[:, :1].ravel())
     lowest = fxprune.count_macs(Slice(keep=masks)(gm).graph_module) / fxprune.count_macs(gm)
     info = _check_fails_fast(PlanError, "cannot be reached", tiny_vit(), [(x, y)], x[:1],
@@ -608,7 +609,7 @@ def test_ddp_two_ranks_end_with_identical_masks(tmp_path):
                                                        [env.get("PYTHONPATH")] if p])
     env.setdefault("OMP_NUM_THREADS", "1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           str(ROOT / "tests" / "ddp_search_worker.py"), str(tmp_path)]
+           str(ROOT / "tests" / "support" / "ddp_search_worker.py"), str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]

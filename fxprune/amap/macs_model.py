@@ -3,7 +3,7 @@
 A group's MACs are affine in how many of its units it keeps (a unit is a channel of a head,
 or a channel shared by all heads): every unit removed saves the same multiply-accumulates in
 the projections that produce and consume it and in the attention products that contract it.
-The per-unit saving is measured once on the graph (:class:`fxprune.planning.oneshot._CostModel`), so
+The per-unit saving is measured once on the graph (:class:`fxprune.planning.cost.CostModel`), so
 
     MACs(keep) = dense - sum_g saving_g * (removed units of g) / heads_g
 
@@ -38,15 +38,16 @@ class MacsModel(torch.nn.Module):
 
     def __init__(self, gm: torch.fx.GraphModule, analysis, groups=None):
         super().__init__()
-        from fxprune.planning.oneshot import _CostModel, _units
+        from fxprune.planning.cost import CostModel
+        from fxprune.planning.units import group_units
 
         self.dense = float(count_macs(gm))
-        cost = _CostModel(gm, analysis)
+        cost = CostModel(gm, analysis)
         groups = [g for g in analysis.groups if g.prunable] if groups is None else groups
         self.units = {}
         self.saving = {}
         for g in groups:
-            units = _units(g, torch.zeros(g.layout.shape).numpy())
+            units = group_units(g, torch.zeros(g.layout.shape).numpy())
             self.units[g.index] = units
             heads = units.channels.shape[0]
             # saving per unit removed in ONE head (the cost model removes one unit per head)

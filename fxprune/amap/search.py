@@ -92,14 +92,14 @@ def _first_batch(loader, example, where):
 
 def refresh_similarity(gm, analysis, indicators) -> None:
     """Recompute AMAP's similarity weights (eq. 1-2) from the current weights."""
-    from fxprune.planning.criteria import _features, _similarity_weight
-    from fxprune.planning.oneshot import _units
+    from fxprune.planning.criteria import features, similarity_weight
+    from fxprune.planning.units import group_units
 
     groups = [analysis.groups[g] for g in indicators]
-    blocks = _features(gm, analysis, groups)
+    blocks = features(gm, analysis, groups)
     for g in groups:
-        w = _similarity_weight(g, blocks[g.index]).reshape(g.layout.shape)
-        units = _units(g, w)
+        w = similarity_weight(g, blocks[g.index]).reshape(g.layout.shape)
+        units = group_units(g, w)
         indicators[g.index].set_similarity(torch.as_tensor(units.scores, dtype=torch.float32))
 
 
@@ -108,13 +108,13 @@ def search(model, train_loader, example_inputs, config: SearchConfig | None = No
     """Train indicators and weights together to ``macs_ratio`` (see the module docstring)."""
     from fxprune.amap.macs_model import MacsModel
     from fxprune.analysis.engine import analyze
+    from fxprune.passbase import copy_graph_module
     from fxprune.passes.insert_indicators import (
         InsertIndicators,
         indicator_modules,
         masks_from_indicators,
     )
     from fxprune.pipeline import prepare
-    from fxprune.planning.oneshot import _own_copy
     from fxprune.tracing import trace
 
     config = dataclasses.replace(config or SearchConfig(), **overrides)
@@ -123,7 +123,7 @@ def search(model, train_loader, example_inputs, config: SearchConfig | None = No
     example = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
     _first_batch(train_loader, example, WHERE)
     torch.manual_seed(config.seed)
-    gm, _ = prepare(_own_copy(trace(model, example)))
+    gm, _ = prepare(copy_graph_module(trace(model, example)))
     analysis = analyze(gm)
     if not any(g.prunable for g in analysis.groups):
         raise PlanError(WHERE, "the analysis found no prunable channel group",
@@ -233,13 +233,13 @@ def _start_from_scores(gated, analysis, indicators, scores, config) -> None:
     indicator starts), so every unit is kept and the important ones are the last the MACs loss
     pushes over tau (see :mod:`fxprune.amap.linear_init`)."""
     from fxprune.amap.linear_init import HEAD_START
-    from fxprune.planning.oneshot import _units
+    from fxprune.planning.units import group_units
 
     if config.similarity:
         refresh_similarity(gated, analysis, {g: indicators[g] for g in scores})
     for gi, score in scores.items():
         ind = indicators[gi]
-        units = _units(analysis.groups[gi], score.reshape(analysis.groups[gi].layout.shape))
+        units = group_units(analysis.groups[gi], score.reshape(analysis.groups[gi].layout.shape))
         w = ind.w if config.similarity else torch.ones_like(ind.w)
         unit_scores = torch.as_tensor(units.scores, dtype=torch.float32)
         start = HEAD_START * config.tau * (unit_scores - 1.0)

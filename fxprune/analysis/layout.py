@@ -154,6 +154,29 @@ def _after_index(comp: Comp, lab, dim, idx_ndim, spanned) -> Comp:
     return Comp(lab, tuple(sorted(span)), comp.soft)
 
 
+def comp_to_letters(c: Comp, letters: str, out_letters: str) -> Comp:
+    """``c`` (on a tensor whose dims are named by ``letters``) laid out on the dims named by
+    ``out_letters``: its span dims moved to where their letters are, every other dim size 1.
+
+    Example:
+        >>> import numpy as np
+        >>> c = comp_to_letters(Comp(np.arange(6).reshape(1, 2, 3), (1, 2)), "bhd", "dxh")
+        >>> c.lab.shape, c.span
+        ((3, 1, 2), (0, 2))
+    """
+    span_letters = [letters[d] for d in c.span]
+    lab = c.lab
+    # drop non-span dims, order span dims as in out_letters
+    lab = lab.reshape([lab.shape[d] for d in c.span]) if c.span else lab.reshape(())
+    order = sorted(range(len(span_letters)), key=lambda k: out_letters.index(span_letters[k]))
+    lab = np.transpose(lab, order) if order else lab
+    shape = [1] * len(out_letters)
+    for k in order:
+        shape[out_letters.index(span_letters[k])] = c.lab.shape[c.span[k]]
+    return Comp(lab.reshape(shape), tuple(sorted(out_letters.index(ch) for ch in span_letters)),
+                c.soft)
+
+
 def split_sizes(total: int, arg, dim_size: int | None = None) -> list[int]:
     """Sizes produced by ``torch.split(x, arg)`` along a dim of length ``total``."""
     if isinstance(arg, int):

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ import torch
 import torch.fx
 
 from fxprune.analysis.labels import Comp, LabelStore
+from fxprune.analysis.layout import comp_to_letters
 from fxprune.analysis.rules.registry import apply_rule
 from fxprune.analysis.values import (
     TV,
@@ -62,6 +64,21 @@ def _onto_unit_dims(tvs: list[TV], operands, out_letters: str, sizes) -> list[TV
                  for c in tv.comps]
         out.append(TV(comps, tv.shape, tv.soft, tv.param))
     return out
+
+
+@dataclasses.dataclass
+class Contraction:
+    """What :meth:`Propagator.contraction` did: the output value, the operands as it read
+    them (parameters factored per dim, size-1 head dims spanned: see
+    :func:`_onto_unit_dims`), each operand's comp over the contracted letters, the operands
+    that are activations with contracted channels (two of them: a q.k product), and the head
+    labels created over batch letters that carry channels (None if none)."""
+
+    value: TV
+    operands: list[TV]
+    by_operand: dict[int, Comp]
+    hard_contracted: list[int]
+    fresh_heads: Comp | None
 
 
 class Propagator:
@@ -202,7 +219,7 @@ class Propagator:
                         self.store.freeze(c.lab, "channels combined elementwise with a tensor "
                                           f"that has no channel labels at {self.current.name}")
                 comps.append(c)
-        merged = self._merge(comps)
+        merged = self.merge_comps(comps)
         target = self.current.target if self.current is not None else None
         name = getattr(target, "_opname", None) or getattr(target, "__name__", target)
         if len(hard) > 1 and name in ("add", "iadd", "add_", "sub", "isub"):
@@ -212,7 +229,9 @@ class Propagator:
                     self.store.mark(c.lab, "residual")
         return TV(merged, out_shape, soft=bool(tvs) and not hard)
 
-    def _merge(self, comps: list[Comp]) -> list[Comp]:
+    def merge_comps(self, comps: list[Comp]) -> list[Comp]:
+        """One comp per span: comps over the same dims are coupled (hard ones kept), a
+        parameter's comp over a subset of an activation's dims is recorded for head order."""
         out: list[Comp] = []
         for c in sorted(comps, key=lambda c: c.soft):  # hard comps first: they are kept
             if not c.span:
@@ -238,10 +257,39 @@ class Propagator:
     def contract(self, operands: list[tuple[Any, str]], out_letters: str, *,
                  sink_args: list[int | str] | None = None, sink_kind: str = "matmul"
                  ) -> TV:
-        """Einsum-shaped contraction. Channels on contracted letters are coupled across
-        operands and recorded as sinks; channels on kept letters are carried to the output;
-        letters kept by several operands (batch dims, e.g. heads) relate heads."""
-        node = self.current
+        """The output value of :meth:`contraction` (what most rules need)."""
+        return self.contraction(operands, out_letters, sink_args=sink_args,
+                                sink_kind=sink_kind).value
+
+    def contraction(self, operands: list[tuple[Any, str]], out_letters: str, *,
+                    sink_args: list[int | str] | None = None, sink_kind: str = "matmul"
+                    ) -> Contraction:
+        """Einsum-shaped contraction of ``operands`` (value, letters) into ``out_letters``.
+        Channels on contracted letters are coupled across operands and recorded as sinks
+        (for the operands ``sink_args`` names); channels on kept letters are carried to the
+        output; letters kept by several operands (batch dims, e.g. heads) relate heads."""
+        tvs, sizes = self._read_operands(operands)
+        contracted = {ch for _, ls in operands for ch in ls if ch not in out_letters}
+        tvs = _onto_unit_dims(tvs, operands, out_letters, sizes)
+        contracted_comps, carried = self._split_comps(tvs, operands, out_letters, contracted)
+        by_operand = self._couple_contracted(tvs, operands, contracted_comps, contracted, sizes)
+        for i in sorted(by_operand):
+            if sink_args is not None and i < len(sink_args) and sink_args[i] is not None:
+                self.sinks.append(Sink(self.current, sink_args[i], by_operand[i], sink_kind))
+        batch = [ch for ch in out_letters if sum(ch in ls for _, ls in operands) > 1]
+        fresh_heads = self._fresh_heads(contracted_comps, operands, batch, out_letters, sizes)
+        self._freeze_on_unread_batch(tvs, operands, carried, batch, sizes)
+        out_comps = self._carry(carried, operands, out_letters, batch, fresh_heads)
+        out_shape = tuple(sizes[ch] for ch in out_letters)
+        soft = all(tv.soft for tv in tvs)
+        if not soft:  # a weight's row labels on an activation are activation channels
+            out_comps = [c if not c.soft else Comp(c.lab, c.span, False) for c in out_comps]
+        return Contraction(TV(out_comps, out_shape, soft=soft), tvs, by_operand,
+                           [i for i in sorted(by_operand) if not tvs[i].soft], fresh_heads)
+
+    def _read_operands(self, operands) -> tuple[list[TV], dict[str, int]]:
+        """The operands as values (a parameter factored into one comp per dim) and the size
+        of every letter."""
         sizes: dict[str, int] = {}
         tvs: list[TV] = []
         for v, letters in operands:
@@ -251,27 +299,31 @@ class Propagator:
             tvs.append(tv)
             for d, ch in enumerate(letters):
                 sizes[ch] = max(sizes.get(ch, 1), tv.shape[d] if d < tv.ndim else 1)
-        all_letters = [ch for _, ls in operands for ch in ls]
-        contracted = {ch for ch in all_letters if ch not in out_letters}
-        tvs = _onto_unit_dims(tvs, operands, out_letters, sizes)
-        # comps spanning contracted letters
+        return tvs, sizes
+
+    def _split_comps(self, tvs, operands, out_letters, contracted):
+        """``(operand, comp)`` pairs over contracted letters, and the carried ones. A
+        contracted channel dim paired with a kept dim of its operand alone is frozen."""
         contracted_comps: list[tuple[int, Comp]] = []
         carried: list[tuple[int, Comp]] = []
         for i, (tv, (_, letters)) in enumerate(zip(tvs, operands)):
             for c in tv.comps:
                 ls = {letters[d] for d in c.span}
-                if ls & contracted:
-                    if ls - contracted - set(out_letters):
-                        pass
-                    free_kept = [ch for ch in ls if ch in out_letters and
-                                 sum(ch in o[1] for o in operands) == 1]
-                    if free_kept:
-                        self.store.freeze(c.lab, "a contracted channel dim is paired with a "
-                                          f"kept channel dim at {node.name}")
-                    contracted_comps.append((i, c))
-                else:
+                if not ls & contracted:
                     carried.append((i, c))
-        # couple contracted channels across operands
+                    continue
+                free_kept = [ch for ch in ls if ch in out_letters and
+                             sum(ch in o[1] for o in operands) == 1]
+                if free_kept:
+                    self.store.freeze(c.lab, "a contracted channel dim is paired with a "
+                                      f"kept channel dim at {self.current.name}")
+                contracted_comps.append((i, c))
+        return contracted_comps, carried
+
+    def _couple_contracted(self, tvs, operands, contracted_comps, contracted, sizes
+                           ) -> dict[int, Comp]:
+        """Couple the contracted channels across operands; returns each operand's comp over
+        the contracted letters (the one with the most distinct labels)."""
         by_operand: dict[int, Comp] = {}
         for i, c in contracted_comps:
             if i not in by_operand or c.distinct > by_operand[i].distinct:
@@ -285,38 +337,37 @@ class Propagator:
                        if ch in ls and (sizes[ch] > 1 or not tvs[i].soft)]
             labeled = [i for i in holders if i in by_operand and
                        ch in {operands[i][1][d] for d in by_operand[i].span}]
-            unlabeled = [i for i in holders if i not in labeled]
-            if labeled and unlabeled:
-                for i in unlabeled:
-                    if not tvs[i].soft or tvs[i].comps:
-                        for j in labeled:
-                            self.store.freeze(by_operand[j].lab, "channels contracted against "
-                                              f"a tensor without channel labels at {node.name}")
+            unlabeled = [i for i in holders if i not in labeled
+                         and (not tvs[i].soft or tvs[i].comps)]
+            for _ in unlabeled:
+                for j in labeled:
+                    self.store.freeze(by_operand[j].lab, "channels contracted against a "
+                                      f"tensor without channel labels at {self.current.name}")
         ops_with = sorted(by_operand)
         for a, b in zip(ops_with, ops_with[1:]):
             la, lb = self._common(by_operand[a], operands[a][1], by_operand[b], operands[b][1])
             self.store.union(la, lb)
-        hard_contracted = [i for i in ops_with if not tvs[i].soft]
-        for i in ops_with:
-            if sink_args is not None and i < len(sink_args) and sink_args[i] is not None:
-                self.sinks.append(Sink(node, sink_args[i], by_operand[i], sink_kind))
-        # head relations along letters kept by several operands
-        out_comps: list[Comp] = []
-        batch = [ch for ch in out_letters if sum(ch in ls for _, ls in operands) > 1]
-        fresh_heads = None
+        return by_operand
+
+    def _fresh_heads(self, contracted_comps, operands, batch, out_letters, sizes
+                     ) -> Comp | None:
+        """Head labels over the batch letters that contracted channels span (None if none),
+        related to those channels."""
         span_batch = [ch for ch in batch if any(
             ch in {operands[i][1][d] for d in c.span} for i, c in contracted_comps)]
-        if span_batch:
-            shape = [sizes[ch] if ch in span_batch else 1 for ch in out_letters]
-            fresh_heads = Comp(self._head_labels(contracted_comps, operands, span_batch,
-                                                 out_letters, shape),
-                               tuple(d for d, ch in enumerate(out_letters) if ch in span_batch))
-            for i, c in contracted_comps:
-                self._head_rel(c, fresh_heads, operands[i][1], out_letters)
-        self._freeze_on_unread_batch(tvs, operands, carried, batch, sizes)
-        carried_out: list[tuple[int, Comp]] = []
-        for i, c in carried:
-            carried_out.append((i, self._to_letters(c, operands[i][1], out_letters, sizes)))
+        if not span_batch:
+            return None
+        shape = [sizes[ch] if ch in span_batch else 1 for ch in out_letters]
+        fresh_heads = Comp(self._head_labels(contracted_comps, operands, span_batch,
+                                             out_letters, shape),
+                           tuple(d for d, ch in enumerate(out_letters) if ch in span_batch))
+        for i, c in contracted_comps:
+            self._head_rel(c, fresh_heads, operands[i][1], out_letters)
+        return fresh_heads
+
+    def _carry(self, carried, operands, out_letters, batch, fresh_heads) -> list[Comp]:
+        """The carried comps on the output's letters, heads related where they meet."""
+        carried_out = [(i, comp_to_letters(c, operands[i][1], out_letters)) for i, c in carried]
         for x in range(len(carried_out)):
             for y in range(x + 1, len(carried_out)):
                 (i, cx), (j, cy) = carried_out[x], carried_out[y]
@@ -326,6 +377,7 @@ class Propagator:
             for _, c in carried_out:
                 if set(c.span) & set(fresh_heads.span):
                     self._head_rel(c, fresh_heads, out_letters, out_letters)
+        out_comps: list[Comp] = []
         for i, c in carried_out:
             batch_only = all(out_letters[d] in batch for d in c.span)
             # a head-labels comp gives way to the channels that live in those heads (more
@@ -338,13 +390,7 @@ class Propagator:
         if fresh_heads is not None and not any(
                 set(c.span) >= set(fresh_heads.span) for c in out_comps):
             out_comps.append(fresh_heads)
-        # the operands as this contraction read them (see _onto_unit_dims) come last
-        self._last_contraction = (hard_contracted, by_operand, fresh_heads, tvs)
-        out_shape = tuple(sizes[ch] for ch in out_letters)
-        soft = all(tv.soft for tv in tvs)
-        if not soft:  # a weight's row labels on an activation are activation channels
-            out_comps = [c if not c.soft else Comp(c.lab, c.span, False) for c in out_comps]
-        return TV(out_comps, out_shape, soft=soft)
+        return out_comps
 
     def _freeze_on_unread_batch(self, tvs, operands, carried, batch, sizes) -> None:
         """Channels carried along a batch letter (e.g. heads) that another activation operand
@@ -387,41 +433,16 @@ class Propagator:
                 shape)
         return self.store.fresh(tuple(shape))
 
-    def _to_letters(self, c: Comp, letters: str, out_letters: str, sizes) -> Comp:
-        span_letters = [letters[d] for d in c.span]
-        lab = c.lab
-        # drop non-span dims, order span dims as in out_letters
-        lab = lab.reshape([lab.shape[d] for d in c.span]) if c.span else lab.reshape(())
-        order = sorted(range(len(span_letters)), key=lambda k: out_letters.index(span_letters[k]))
-        lab = np.transpose(lab, order) if order else lab
-        shape = [1] * len(out_letters)
-        for k in order:
-            shape[out_letters.index(span_letters[k])] = c.lab.shape[c.span[k]]
-        return Comp(lab.reshape(shape), tuple(sorted(out_letters.index(ch) for ch in span_letters)),
-                    c.soft)
-
     def _common(self, a: Comp, la: str, b: Comp, lb: str) -> tuple[np.ndarray, np.ndarray]:
-        letters = sorted({la[d] for d in a.span} | {lb[d] for d in b.span})
-        target = "".join(letters)
-        sizes = {}
-        for c, ls in ((a, la), (b, lb)):
-            for d in c.span:
-                sizes[ls[d]] = c.lab.shape[d]
-        ca = self._to_letters(a, la, target, sizes)
-        cb = self._to_letters(b, lb, target, sizes)
-        return ca.lab, cb.lab
+        """The labels of ``a`` and ``b`` laid out on the union of their span letters."""
+        target = "".join(sorted({la[d] for d in a.span} | {lb[d] for d in b.span}))
+        return comp_to_letters(a, la, target).lab, comp_to_letters(b, lb, target).lab
 
     def _head_rel(self, a: Comp, b: Comp, la: str, lb: str) -> None:
+        """Relate the heads of ``a`` and ``b`` along their first common span letter."""
         common = sorted({la[d] for d in a.span} & {lb[d] for d in b.span})
         if not common:
             return
-        xa = self._to_letters(a, la, "".join(sorted({la[d] for d in a.span} |
-                                                    {lb[d] for d in b.span})), {})
-        xb = self._to_letters(b, lb, "".join(sorted({la[d] for d in a.span} |
-                                                    {lb[d] for d in b.span})), {})
         letters = "".join(sorted({la[d] for d in a.span} | {lb[d] for d in b.span}))
-        axis = letters.index(common[0])
-        if len(common) > 1:  # fold the common letters into one axis
-            self.store.head_union_along(xa.lab, xb.lab, axis)
-            return
-        self.store.head_union_along(xa.lab, xb.lab, axis)
+        xa, xb = comp_to_letters(a, la, letters), comp_to_letters(b, lb, letters)
+        self.store.head_union_along(xa.lab, xb.lab, letters.index(common[0]))

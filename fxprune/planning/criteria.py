@@ -26,12 +26,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fxprune.analysis.propagate import fetch_attr
 from fxprune.errors import InputError
+from fxprune.ops import fetch_attr
 
 CRITERIA = ("similarity", "l1", "random", "toast")
 SKETCH_DIM = 256
-#: rows per block of the Gram matrix of a large group (see :func:`_max_abs_offdiag`)
+#: rows per block of the Gram matrix of a large group (see :func:`max_abs_offdiag`)
 GRAM_BLOCK = 1024
 #: feature matrices of same-shaped groups are scored together, up to this many bytes at once
 CHUNK_BYTES = 32 << 20
@@ -39,7 +39,7 @@ CHUNK_BYTES = 32 << 20
 SIM_BYTES = 32 << 20
 
 
-def _features(gm, analysis, groups) -> dict[int, list[np.ndarray]]:
+def features(gm, analysis, groups) -> dict[int, list[np.ndarray]]:
     """Per group: list of (positions, features) blocks, one per tied parameter comp."""
     comps = analysis.components
     pos_of: dict[int, tuple[int, np.ndarray]] = {}
@@ -83,14 +83,14 @@ def channel_scores(gm, analysis, criterion: str, seed: int = 0,
     if criterion == "random":
         rng = np.random.default_rng(seed)
         return {g.index: rng.random(g.layout.shape) for g in groups}
-    blocks = _features(gm, analysis, groups)
+    blocks = features(gm, analysis, groups)
     if criterion == "l1":
-        return {g.index: _l1(g.layout.size, blocks[g.index]).reshape(g.layout.shape)
+        return {g.index: l1_norms(g.layout.size, blocks[g.index]).reshape(g.layout.shape)
                 for g in groups}
     # similarity and toast need each group's feature matrix: built once per group (its l1
     # comes from it too), and same-shaped groups (the blocks of a ViT) are scored together
     # in a few large tensor ops rather than many small ones
-    layouts = {g.index: _parts(g.layout.size, blocks[g.index]) for g in groups}
+    layouts = {g.index: feature_layout(g.layout.size, blocks[g.index]) for g in groups}
     buckets: dict[tuple, list] = {}
     for g in groups:
         buckets.setdefault((*g.layout.shape, layouts[g.index][0]), []).append(g)
@@ -102,7 +102,8 @@ def channel_scores(gm, analysis, criterion: str, seed: int = 0,
         for c in range(0, len(members), per_chunk):
             chunk = members[c:c + per_chunk]
             f = buf[:len(chunk)]
-            l1 = [_l1_from_matrix(n, f[i], _fill(f[i], blocks[g.index], layouts[g.index][1]))
+            l1 = [l1_norms_from_matrix(n, f[i], fill_features(f[i], blocks[g.index],
+                                                              layouts[g.index][1]))
                   for i, g in enumerate(chunk)]
             if not width:
                 second = np.ones((len(chunk), n))
@@ -116,7 +117,7 @@ def channel_scores(gm, analysis, criterion: str, seed: int = 0,
     return {g.index: out[g.index] for g in groups}
 
 
-def _l1(n: int, blocks) -> np.ndarray:
+def l1_norms(n: int, blocks) -> np.ndarray:
     """Sum of |w| over the tied parameter entries of every channel position."""
     l1 = np.zeros(n)
     for pos, feat in blocks:
@@ -128,8 +129,8 @@ def _l1(n: int, blocks) -> np.ndarray:
     return l1
 
 
-def _l1_from_matrix(n: int, f: np.ndarray, parts) -> np.ndarray:
-    """:func:`_l1` from the assembled feature matrix: the same float32 row sums, added block
+def l1_norms_from_matrix(n: int, f: np.ndarray, parts) -> np.ndarray:
+    """:func:`l1_norms` from the assembled feature matrix: the same float32 row sums, added block
     by block and within a block occurrence by occurrence, as ``np.add.at`` adds them."""
     l1 = np.zeros(n)
     for start, stop, pos in parts:
@@ -138,8 +139,8 @@ def _l1_from_matrix(n: int, f: np.ndarray, parts) -> np.ndarray:
     return l1
 
 
-def _parts(n: int, blocks) -> tuple[int, list[tuple[int, int, np.ndarray, np.ndarray]]]:
-    """Column layout of :func:`_feature_matrix`: its width and, per part (one per block and
+def feature_layout(n: int, blocks) -> tuple[int, list[tuple[int, int, np.ndarray, np.ndarray]]]:
+    """Column layout of :func:`feature_matrix`: its width and, per part (one per block and
     occurrence rank, in column order), ``(block, first column, positions, source rows)``."""
     todo = []
     width = 0
@@ -171,8 +172,8 @@ def _rows(feat: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return feat[idx]
 
 
-def _fill(f: np.ndarray, blocks, todo) -> list[tuple[int, int, np.ndarray]]:
-    """Write the feature matrix laid out by :func:`_parts` into ``f`` (positions, width);
+def fill_features(f: np.ndarray, blocks, todo) -> list[tuple[int, int, np.ndarray]]:
+    """Write the feature matrix laid out by :func:`feature_layout` into ``f`` (positions, width);
     returns ``[(first column, end column, positions)]`` per part."""
     if any(len(pos) < f.shape[0] for _, _, pos, _ in todo):
         f.fill(0)
@@ -206,27 +207,27 @@ def _is_run(idx: np.ndarray) -> bool:
                             and bool((np.diff(idx) == 1).all()))
 
 
-def _feature_matrix(n: int, blocks) -> np.ndarray:
+def feature_matrix(n: int, blocks) -> np.ndarray:
     """One row per channel position: the concatenation of all its tied parameter entries.
     Where one block holds several rows of the same channel (q and k rows of a fused qkv
     Linear), each occurrence gets its own columns instead of overwriting the previous one."""
-    width, todo = _parts(n, blocks)
+    width, todo = feature_layout(n, blocks)
     f = np.empty((n, width), dtype=np.float32)
-    _fill(f, blocks, todo)
+    fill_features(f, blocks, todo)
     return f
 
 
-def _similarity_weight(g, blocks) -> np.ndarray:
+def similarity_weight(g, blocks) -> np.ndarray:
     """AMAP eq. 1-2: w_i = 1 + max over the other channels n of its head of |cos(i, n)|."""
     n = g.layout.size
-    f = _feature_matrix(n, blocks)
+    f = feature_matrix(n, blocks)
     if not f.shape[1]:
         return np.ones(n)
     return _similarity_weights(f[None], *g.layout.shape)[0]
 
 
 def _similarity_weights(f: np.ndarray, heads: int, size: int) -> np.ndarray:
-    """:func:`_similarity_weight` of same-shaped groups at once: ``f`` (groups, heads * size,
+    """:func:`similarity_weight` of same-shaped groups at once: ``f`` (groups, heads * size,
     width) -> (groups, heads * size); ``f`` is overwritten. Every value is what the group alone
     gets: the products are the same dot products in the same order, and max |s| is
     max(max s, -min s) exactly, without an |.| pass over the similarity matrix."""
@@ -243,11 +244,11 @@ def _similarity_weights(f: np.ndarray, heads: int, size: int) -> np.ndarray:
     # in place (f is the caller's scratch): the same quotients as ft / norm.clamp_min(1e-12)
     ft.div_(ft.norm(dim=1, keepdim=True).clamp_min_(1e-12))
     ft = ft.reshape(groups * heads, size, -1)
-    best = _max_abs_offdiag(ft)
+    best = max_abs_offdiag(ft)
     return (best.reshape(groups, n) + 1.0).astype(np.float64)
 
 
-def _max_abs_offdiag(ft: torch.Tensor) -> np.ndarray:
+def max_abs_offdiag(ft: torch.Tensor) -> np.ndarray:
     """max over j != i of |<ft[b, i], ft[b, j]>| for every row i of every matrix b of ``ft``
     (batch, size, k).
 
@@ -286,7 +287,7 @@ def _max_abs_offdiag(ft: torch.Tensor) -> np.ndarray:
 def _median_distance(g, blocks) -> np.ndarray:
     """ToaSt: ||f_i - median_j f_j|| over the channels j of the same head."""
     n = g.layout.size
-    f = _feature_matrix(n, blocks)
+    f = feature_matrix(n, blocks)
     if not f.shape[1]:
         return np.ones(n)
     return _median_distances(f[None], *g.layout.shape)[0]

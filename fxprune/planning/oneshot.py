@@ -1,11 +1,9 @@
 """``fxprune.prune``: one-shot structured pruning to a MACs target, no training.
 
 Pipeline: trace -> prepare (decompose opaque attention, split fused q/k/v) -> analyze ->
-score channels (criterion) -> allocate kept counts per group -> synchronise ranks per head ->
-slice. Allocation is greedy over steps of ``align`` channels per head: each step removes the
-lowest-ranked channels (scores averaged across heads rank by rank, AMAP's synchronisation) of
-the group where they cost the least importance per MAC saved. A group's MACs are affine in its
-kept count, so the per-channel saving of each group is measured once on the graph.
+score channels (:mod:`fxprune.planning.criteria`) -> allocate kept counts per group and
+synchronise ranks per head (:mod:`fxprune.planning.allocation`, priced by
+:mod:`fxprune.planning.cost` over :mod:`fxprune.planning.units`) -> slice.
 
 Example:
     >>> import torch, fxprune
@@ -20,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import warnings
 from typing import Any
 
@@ -30,18 +27,17 @@ import torch.fx
 
 from fxprune.analysis.engine import analyze
 from fxprune.errors import InputError, PlanError
-from fxprune.macs import count_macs, node_macs
+from fxprune.macs import count_macs
 from fxprune.meta import (
     ANALYSIS_KEY,
     CRITERION_KEY,
     DENSE_MACS_KEY,
     MACS_RATIO_KEY,
     PLAN_KEY,
-    SHAPE_KEY,
     SUMMARY_KEY,
 )
+from fxprune.planning.allocation import Kept, allocate, keep_masks
 from fxprune.planning.criteria import CRITERIA, channel_scores
-from fxprune.slicing import new_shape
 from fxprune.tracing import trace
 
 WHERE = "fxprune.prune"
@@ -60,246 +56,16 @@ def _validate(macs_ratio, criterion, align) -> None:
                          hint="align=8 keeps widths multiples of 8 (fast GPU kernels)")
 
 
-def _steps(units: int, per_unit: int, align: int) -> list[int]:
-    """Allowed kept unit counts, largest first: every head keeps ``k * per_unit`` positions,
-    which must be a multiple of ``align`` (or everything)."""
-    ks = [units] + [k for k in range(units - 1, 0, -1) if (k * per_unit) % align == 0]
-    return ks
-
-
-@dataclasses.dataclass
-class _Units:
-    """A group seen as independent units: normally one unit per (head, channel); where
-    positions share a channel (rotary pairs, a parameter shared by all heads) one unit per
-    distinct channel, so counts and costs are not counted twice."""
-
-    channels: np.ndarray   # (heads_eff, units) channel ids
-    scores: np.ndarray     # (heads_eff, units)
-    per_unit: int          # positions per unit in each head
-
-
-def _units(group, score: np.ndarray) -> _Units:
-    layout = group.layout
-    if not group.shared_across_heads:
-        classes = [[h] for h in range(layout.shape[0])]
-    else:
-        # heads sharing all their channels (grouped-query attention: the q heads of one k/v
-        # head; every head, for a parameter shared by all) are one effective head
-        classes = _head_classes(layout) or [list(range(layout.shape[0]))]
-    rows = [_mean_by_channel(layout[heads], score[heads]) for heads in classes]
-    if len({len(ids) for ids, _ in rows}) != 1:
-        if not group.shared_across_heads:
-            raise PlanError(WHERE, f"group {group.index} has heads with different channel "
-                            "counts")
-        rows = [_mean_by_channel(layout, score)]  # one effective head over every channel
-    per_unit = max(1, layout.shape[1] // len(rows[0][0]))
-    return _Units(np.stack([ids for ids, _ in rows]), np.stack([m for _, m in rows]), per_unit)
-
-
-def _mean_by_channel(ids: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct channel ids of ``ids`` and the mean score of the positions of each."""
-    uniq, inverse = np.unique(ids, return_inverse=True)
-    inverse = inverse.ravel()
-    sums = np.bincount(inverse, weights=score.ravel(), minlength=len(uniq))
-    return uniq, sums / np.bincount(inverse, minlength=len(uniq))
-
-
-def _head_classes(layout: np.ndarray) -> list[list[int]] | None:
-    """Heads grouped by their set of channel ids when any two heads have either the same set
-    or disjoint ones (None otherwise: channels shared across heads in some other pattern)."""
-    classes: dict[frozenset, list[int]] = {}
-    for h, row in enumerate(layout):
-        classes.setdefault(frozenset(row.tolist()), []).append(h)
-    sets = list(classes)
-    for i, a in enumerate(sets):
-        if any(a & b for b in sets[i + 1:]):
-            return None
-    return list(classes.values())
-
-
-class _CostModel:
-    """MACs saved when every head of a group keeps one channel fewer."""
-
-    def __init__(self, gm, analysis):
-        self.gm = gm
-        self.analysis = analysis
-        comps = analysis.components
-        self.lab_keep = np.ones(comps.n_labels, dtype=bool)
-        order = np.argsort(comps.channel, kind="stable")
-        self.order = order
-        self.bounds = np.searchsorted(comps.channel[order],
-                                      np.arange(int(comps.channel.max()) + 2))
-
-    def labels_of(self, channels: np.ndarray) -> np.ndarray:
-        parts = [self.order[self.bounds[c]:self.bounds[c + 1]] for c in channels.tolist()]
-        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-
-    def per_head(self, qk_group, v_group) -> float:
-        """MACs saved by removing one whole head (its q/k and v channels)."""
-        removed = np.concatenate([qk_group.layout[0], v_group.layout[0]])
-        return self._saving([qk_group, v_group], removed)
-
-    def per_unit(self, group, units: _Units, removed_per_head: int) -> float:
-        removed = units.channels[:, :removed_per_head].ravel()
-        return self._saving([group], removed) / removed_per_head
-
-    def _saving(self, groups, removed) -> float:
-        labels = self.labels_of(np.unique(removed))
-        self.lab_keep[labels] = False
-        try:
-            nodes = {n for g in groups for n, _ in g.members}
-            affected = set(nodes)
-            for n in nodes:
-                affected.update(n.users)
-
-            def shape_of(node):
-                shape = new_shape(node, self.lab_keep) if node in nodes else None
-                return shape if shape is not None else node.meta[SHAPE_KEY]
-
-            saved = 0
-            for node in affected:
-                if node.op in ("placeholder", "output", "get_attr"):
-                    continue
-                try:
-                    saved += node_macs(node, self.gm) - node_macs(node, self.gm, shape_of)
-                except Exception:  # noqa: BLE001 - a node macs cannot price costs nothing
-                    continue
-        finally:
-            self.lab_keep[labels] = True
-        return saved
-
-
-def _head_scores(analysis, scores, site) -> np.ndarray:
-    """Score per head of a site: mean normalised score of its q/k and v channels."""
-    parts = []
-    for gi in (site.qk_group, site.v_group):
-        sc = scores[gi]
-        parts.append(sc.mean(axis=1) / max(float(sc.mean()), 1e-12))
-    return np.mean(parts, axis=0)
-
-
-def allocate(gm, analysis, scores: dict[int, np.ndarray], target_macs: float,
-             dense_macs: float, align: int, whole_head_sites=(), paired_sites=()) -> dict:
-    """Kept count per head for every scored group so that MACs land at or below target.
-
-    Sites in ``whole_head_sites`` are pruned by whole heads instead (key ``("site", i)``:
-    kept head count), their q/k and v groups together; sites in ``paired_sites`` keep the same
-    head dim for q/k and v (key ``("pair", i)``)."""
-    cost_model = _CostModel(gm, analysis)
-    state = {}
-    heap = []
-    for i in whole_head_sites:
-        site = analysis.attention[i]
-        heads = site.num_heads
-        if heads < 2:
-            continue
-        qk, v = analysis.groups[site.qk_group], analysis.groups[site.v_group]
-        cost = cost_model.per_head(qk, v)
-        ranked = np.sort(_head_scores(analysis, scores, site))[::-1]
-        key = ("site", i)
-        state[key] = {"steps": list(range(heads, 0, -1)), "i": 0, "ranked": ranked,
-                      "cost": cost}
-        heapq.heappush(heap, (_priority(state[key]), key))
-    for i in paired_sites:
-        site = analysis.attention[i]
-        qk, v = analysis.groups[site.qk_group], analysis.groups[site.v_group]
-        uq, uv = _units(qk, scores[qk.index]), _units(v, scores[v.index])
-        if uq.channels.shape != uv.channels.shape or uq.per_unit != uv.per_unit:
-            continue
-        steps = _steps(uq.channels.shape[1], uq.per_unit, align)
-        if len(steps) < 2:
-            continue
-        step = max(1, steps[0] - steps[1])
-        cost = cost_model.per_unit(qk, uq, step) + cost_model.per_unit(v, uv, step)
-        ranked = []
-        for units in (uq, uv):
-            r = np.sort(units.scores, axis=1)[:, ::-1].mean(axis=0)
-            ranked.append(r / max(float(r.mean()), 1e-12))
-        key = ("pair", i)
-        state[key] = {"steps": steps, "i": 0, "ranked": np.mean(ranked, axis=0), "cost": cost}
-        heapq.heappush(heap, (_priority(state[key]), key))
-    skip = {gi for key in state if not isinstance(key, int) for gi in (
-        analysis.attention[key[1]].qk_group, analysis.attention[key[1]].v_group)}
-    for gi, score in scores.items():
-        if gi in skip or any(gi in (analysis.attention[i].qk_group,
-                                    analysis.attention[i].v_group)
-                             for i in whole_head_sites):
-            continue
-        g = analysis.groups[gi]
-        units = _units(g, score)
-        steps = _steps(units.channels.shape[1], units.per_unit, align)
-        if len(steps) < 2:
-            continue
-        cost = cost_model.per_unit(g, units, max(1, steps[0] - steps[1]))
-        if cost <= 0:
-            continue
-        # rank-wise average over heads (AMAP's synchronisation)
-        ranked = np.sort(units.scores, axis=1)[:, ::-1].mean(axis=0)
-        ranked = ranked / max(float(ranked.mean()), 1e-12)
-        state[gi] = {"steps": steps, "i": 0, "ranked": ranked, "cost": cost}
-        heapq.heappush(heap, (_priority(state[gi]), gi))
-    macs = float(dense_macs)
-    heap = [(p, 0 if isinstance(k, int) else 1, k if isinstance(k, int) else k[1],
-             str(k), k) for p, k in heap]
-    heapq.heapify(heap)
-    while macs > target_macs and heap:
-        *_, gi = heapq.heappop(heap)
-        st = state[gi]
-        k_now, k_next = st["steps"][st["i"]], st["steps"][st["i"] + 1]
-        macs -= st["cost"] * (k_now - k_next)
-        st["i"] += 1
-        if st["i"] + 1 < len(st["steps"]):
-            order = 0 if isinstance(gi, int) else 1
-            heapq.heappush(heap, (_priority(st), order, gi if order == 0 else gi[1], str(gi),
-                                  gi))
-    return {gi: st["steps"][st["i"]] for gi, st in state.items()}  # kept units per head
-
-
-def _priority(st) -> float:
-    """Mean normalised score of the ranks a step removes: the globally least important ranks
-    go first, whatever the group (MACs only decide when to stop)."""
-    k_now, k_next = st["steps"][st["i"]], st["steps"][st["i"] + 1]
-    return float(st["ranked"][k_next:k_now].mean())
-
-
-def keep_masks(analysis, scores, kept: dict[int, int]) -> dict[int, np.ndarray]:
-    """Binary keep masks (heads, size) from scores and kept unit counts: every head keeps its
-    own top units (the same ones in every head where channels are shared across heads)."""
-    masks = {}
-    for gi, k in list(kept.items()):
-        if not isinstance(gi, int) and gi[0] == "pair":
-            site = analysis.attention[gi[1]]
-            masks.update(keep_masks(analysis, scores, {site.qk_group: k, site.v_group: k}))
-            continue
-        if not isinstance(gi, int):  # whole heads of a site
-            site = analysis.attention[gi[1]]
-            if k >= site.num_heads:
-                continue
-            top = np.argsort(-_head_scores(analysis, scores, site), kind="stable")[:k]
-            for group in (site.qk_group, site.v_group):
-                mask = np.zeros(analysis.groups[group].layout.shape, dtype=bool)
-                mask[top] = True
-                masks[group] = mask
-            continue
-        g = analysis.groups[gi]
-        units = _units(g, scores[gi])
-        if k >= units.channels.shape[1]:
-            continue
-        top = np.argsort(-units.scores, axis=1, kind="stable")[:, :k]
-        kept_channels = np.take_along_axis(units.channels, top, axis=1).ravel()
-        masks[gi] = np.isin(g.layout, kept_channels)
-    return masks
-
-
 @dataclasses.dataclass
 class PrunePlan:
     """Everything ``prune`` decides before slicing: the prepared graph, its analysis, the
-    keep-scores, the kept count per head and the binary keep masks per group."""
+    keep-scores per group index, the allocation's decisions (kept units or heads, see
+    :mod:`fxprune.planning.allocation`) and the binary keep masks per group index."""
 
     graph_module: torch.fx.GraphModule
     analysis: Any
     scores: dict[int, np.ndarray]
-    kept: dict[int, int]
+    kept: list[Kept]
     masks: dict[int, np.ndarray]
     dense_macs: int
 

@@ -14,6 +14,7 @@ import torch
 import torch.fx
 
 from fxprune.analysis.labels import Comp
+from fxprune.analysis.layout import comp_to_letters
 from fxprune.analysis.rules.common import out_shape, unknown
 from fxprune.analysis.rules.registry import rule
 from fxprune.analysis.values import LETTERS, TV, RawSite, align_ndim, shape_of
@@ -48,8 +49,11 @@ def _contraction(p: Propagator, node, a_arg, b_arg, la, lb, lo, *, arg_positions
     a = p.tv(a_arg) or TV([], shape_of(a_arg) or ())
     b = p.tv(b_arg) or TV([], shape_of(b_arg) or ())
     n_sinks = len(p.sinks)
-    out = p.contract([(a, la), (b, lb)], lo, sink_args=list(arg_positions), sink_kind="matmul")
-    hard_contracted, by_operand, fresh_heads, (_, b) = p._last_contraction
+    done = p.contraction([(a, la), (b, lb)], lo, sink_args=list(arg_positions),
+                         sink_kind="matmul")
+    out, hard_contracted, by_operand, fresh_heads = (done.value, done.hard_contracted,
+                                                     done.by_operand, done.fresh_heads)
+    b = done.operands[1]  # b as the product read it
     if len(hard_contracted) == 2:
         # both operands are activations whose channels meet here: a q.k product
         new = p.sinks[n_sinks:]
@@ -176,8 +180,7 @@ def _scale_operand(p, arg, term: str, out: str, out_shape) -> TV:
     """An einsum operand whose letters all stay in the output, laid out on the output's
     letters (size 1 where it has none), for an elementwise product."""
     tv = p.tv(arg) or TV([], shape_of(arg) or ())
-    sizes = {ch: out_shape[out.index(ch)] for ch in out}
-    comps = [p._to_letters(c, term, out, sizes) for c in tv.comps]
+    comps = [comp_to_letters(c, term, out) for c in tv.comps]
     shape = tuple(out_shape[d] if ch in term else 1 for d, ch in enumerate(out))
     return TV(comps, shape, tv.soft)
 
@@ -196,15 +199,17 @@ def _sdpa(p: Propagator, node) -> Any:
     nb = len(qs) - 2
     batch = LETTERS[:nb]
     q, k, v = p.tv(q_arg), p.tv(k_arg), p.tv(v_arg)
-    scores = p.contract([(q, batch + "NK"), (k, batch + "MK")], batch + "NM",
-                        sink_args=[0, None], sink_kind="qk")
-    hard_contracted, by_operand, fresh_heads, _ = p._last_contraction
+    qk = p.contraction([(q, batch + "NK"), (k, batch + "MK")], batch + "NM",
+                       sink_args=[0, None], sink_kind="qk")
+    scores, hard_contracted, by_operand, fresh_heads = (qk.value, qk.hard_contracted,
+                                                        qk.by_operand, qk.fresh_heads)
     if isinstance(mask, torch.fx.Node) and p.tv(mask) is not None:
         scores = p.pointwise([scores, p.tv(mask)], scores.shape)
-    out = p.contract([(scores, batch + "NM"), (v, batch + "ME")], batch + "NE")
+    av = p.contraction([(scores, batch + "NM"), (v, batch + "ME")], batch + "NE")
+    out = av.value
     out.shape = shape_of(node) or out.shape
     if len(hard_contracted) == 2:
-        v = p._last_contraction[3][1]  # v as the product with the scores read it
+        v = av.operands[1]  # v as the product with the scores read it
         v_comps = [c for c in (v.comps if v else []) if c.span]
         site = RawSite(node, q_arg, k_arg, by_operand[0], by_operand[1],
                        fresh_heads.lab if fresh_heads is not None else np.zeros(0, np.int64),

@@ -164,7 +164,7 @@ def _cat(p: Propagator, node, stack=False) -> Any:
                                   zip(along, vals)], axis=dim)
             rest = [c for v in vals for c in v.comps if dim not in c.span]
             base = TV([Comp(lab, along[0][0].span, soft)] + rest, out_shape, soft)
-            return TV(p._merge(base.comps), out_shape, soft)
+            return TV(p.merge_comps(base.comps), out_shape, soft)
         for a in along:
             for c in a:
                 p.store.freeze(c.lab, f"channels concatenated with unlabeled values at "

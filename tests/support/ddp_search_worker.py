@@ -3,7 +3,7 @@
 Run by ``tests/test_search.py::test_ddp_two_ranks_end_with_identical_masks``::
 
     python -m torch.distributed.run --nproc_per_node=2 --standalone \\
-        tests/ddp_search_worker.py OUTDIR
+        tests/support/ddp_search_worker.py OUTDIR
 
 Every rank builds the same tiny ViT (same seed) and the same small random dataset, takes its
 own shard of it (rank r gets samples r, r + world, ...), runs ``fxprune.amap.search.search`` for a
@@ -61,6 +61,6 @@ def main(outdir: str) -> None:
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m torch.distributed.run --nproc_per_node=2 --standalone "
-                 "tests/ddp_search_worker.py OUTDIR")
+                 "tests/support/ddp_search_worker.py OUTDIR")
     os.makedirs(sys.argv[1], exist_ok=True)
     main(sys.argv[1])
