@@ -37,6 +37,8 @@ DECOMPOSED_FROM_KEY = "fxprune.decomposed_from"
 SHAPE_PROP_KEY = "fxprune.shape_prop"
 #: what fxprune.trace was given ("module", "graph_module", "exported_program", ...)
 TRACED_FROM_KEY = "fxprune.traced_from"
+#: set when torch.fx could not trace the module and torch.export did: why fx failed
+TRACE_FALLBACK_KEY = "fxprune.trace_fallback"
 INPUT_SHAPES_KEY = "fxprune.input_shapes"
 #: True once fxprune.pipeline.prepare ran on the graph (a Plan re-runs it when applied)
 PREPARED_KEY = "fxprune.prepared"

@@ -211,6 +211,8 @@ def rewrite_constants(gm: torch.fx.GraphModule, analysis, lab_keep: np.ndarray,
             _rewrite_slices(node, lab_keep, changes)
         elif name in ("narrow", "slice"):
             _rewrite_narrow(node, name, lab_keep, changes)
+        elif name in ("conv1d", "conv2d", "conv3d", "convolution"):
+            _rewrite_conv_groups(node, name, lab_keep, changes)
     for node in list(gm.graph.nodes):
         # every SDPA, site or not (q or k may come from parameters only): its implicit scale
         # 1/sqrt(head dim) must stay the original one
@@ -226,6 +228,24 @@ def rewrite_constants(gm: torch.fx.GraphModule, analysis, lab_keep: np.ndarray,
             node.kwargs = {**node.kwargs, "scale": scale}
             changes.append(f"{node.name}: pass the original scale {scale:.6g} explicitly (q/k "
                            "head dim changed)")
+
+
+def _rewrite_conv_groups(node, name, lab_keep, changes) -> None:
+    """A functional depthwise convolution (exported graphs call ``aten.conv2d`` with
+    ``groups`` as a constant) keeps one group per remaining channel."""
+    index = 8 if name == "convolution" else 6
+    groups = node.args[index] if len(node.args) > index else node.kwargs.get("groups")
+    x = node.args[0] if node.args else None
+    if not isinstance(groups, int) or groups <= 1 or not isinstance(x, torch.fx.Node):
+        return
+    old, new = x.meta.get(SHAPE_KEY), new_shape(x, lab_keep)
+    if old is None or new is None or len(old) < 2 or groups != old[1] or new[1] == old[1]:
+        return
+    if len(node.args) > index:
+        node.args = node.args[:index] + (new[1],) + node.args[index + 1:]
+    else:
+        node.kwargs = {**node.kwargs, "groups": new[1]}
+    changes.append(f"{node.name}: depthwise groups {groups} -> {new[1]}")
 
 
 def _rewrite_shape_args(node, name, lab_keep, changes) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +22,14 @@ import torch.fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fxprune.errors import InputError, TraceError
-from fxprune.meta import INPUT_DTYPES_KEY, INPUT_SHAPES_KEY, SHAPE_PROP_KEY, TRACED_FROM_KEY
+from fxprune.meta import (
+    INPUT_DTYPES_KEY,
+    INPUT_SHAPES_KEY,
+    SHAPE_PROP_KEY,
+    TRACE_FALLBACK_KEY,
+    TRACED_FROM_KEY,
+)
+from fxprune.modstate import preserved
 
 WHERE = "fxprune.trace"
 #: ``gm.meta`` key: how :func:`propagate_shapes` last got the graph's values ("meta": meta
@@ -139,13 +147,24 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Te
         pass
     try:
         mode = FakeTensorMode(allow_non_fake_inputs=True)
-        FakeTensorProp(gm, mode).propagate(*example_inputs)
+        _FakeShapeProp(gm, mode).propagate(*example_inputs)
         gm.meta[SHAPE_PROP_KEY] = "fake"
         return
     except Exception as fake_exc:  # noqa: BLE001 - retried with real tensors below
         fake_error = fake_exc
     _RealShapeProp(gm).run_checked(example_inputs, where, fake_error)
     gm.meta[SHAPE_PROP_KEY] = "real"
+
+
+class _FakeShapeProp(FakeTensorProp):
+    """FakeTensorProp records values that are tensors (or sizes) only; a node yielding a
+    dtype, a device or None gets its value too, so every node used later has one."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        out = super().run_node(n)
+        if "val" not in n.meta:
+            n.meta["val"] = out
+        return out
 
 
 def _to_meta(v):
@@ -284,8 +303,10 @@ def trace(model: Any, example_inputs: Any) -> torch.fx.GraphModule:
 
     ``model`` may be an ``nn.Module`` (torch.fx symbolic tracing; optional forward arguments
     are fixed to their defaults), a ``GraphModule`` (copied), or a
-    ``torch.export.ExportedProgram`` (unlifted with ``.module()``; use this for models plain
-    fx cannot trace, such as Hugging Face ViT). The input model is never modified.
+    ``torch.export.ExportedProgram`` (unlifted with ``.module()``). A module torch.fx cannot
+    trace is traced with ``torch.export`` instead, with a warning and the reason in
+    ``gm.meta["fxprune.trace_fallback"]``. The input model is never modified: whatever its
+    forward caches on it during tracing is undone (:mod:`fxprune.modstate`).
 
     Example:
         >>> import torch, fxprune
@@ -304,14 +325,9 @@ def trace(model: Any, example_inputs: Any) -> torch.fx.GraphModule:
                              f"shape {tuple(t.shape)})",
                              hint="pass at least one example (e.g. batch size 1)")
     exported_cls = getattr(torch.export, "ExportedProgram", None)
+    fallback = None
     if exported_cls is not None and isinstance(model, exported_cls):
-        try:
-            gm = model.module()
-        except Exception as exc:
-            raise TraceError(WHERE, f"could not unlift the ExportedProgram: {exc}") from exc
-        if not isinstance(gm, torch.fx.GraphModule):
-            raise TraceError(WHERE, "ExportedProgram.module() did not return a GraphModule")
-        _strip_export_guards(gm)
+        gm = _unlift(model)
         source = "ExportedProgram"
     elif isinstance(model, torch.fx.GraphModule):
         from fxprune.analysis.inputs import check_not_lifted
@@ -320,26 +336,112 @@ def trace(model: Any, example_inputs: Any) -> torch.fx.GraphModule:
         gm = copy.deepcopy(model)
         source = "GraphModule"
     elif isinstance(model, torch.nn.Module):
-        was_training = model.training
-        gm = _symbolic_trace(model, len(inputs))
-        gm.train(was_training)
-        source = "nn.Module"
+        # tracing runs forward on proxies: whatever it caches on the model is undone
+        with preserved(model):
+            gm, fallback = _trace_module(model, inputs)
+        source = "nn.Module" if fallback is None else "nn.Module (torch.export)"
     else:
         raise InputError(WHERE, f"expected an nn.Module, GraphModule or ExportedProgram, got "
                          f"{type(model).__name__}",
                          hint="pass the model object itself (e.g. timm.create_model(...))")
+    if fallback is None:
+        _finish(gm, inputs, recompile=source != "nn.Module")
+    gm.meta[TRACED_FROM_KEY] = source
+    if fallback is not None:
+        gm.meta[TRACE_FALLBACK_KEY] = fallback
+    gm.meta[INPUT_SHAPES_KEY] = [tuple(t.shape) for t in inputs]
+    gm.meta[INPUT_DTYPES_KEY] = [t.dtype for t in inputs]
+    return gm
+
+
+def _finish(gm: torch.fx.GraphModule, inputs: tuple, recompile: bool) -> None:
+    """Lint, recompile where needed and propagate shapes."""
     retyped = False
     for node in gm.graph.nodes:
         if isinstance(node.type, str):
             # string annotations (``from __future__ import annotations``) break pickling
             node.type = None
             retyped = True
-    if retyped or source != "nn.Module":  # a freshly built GraphModule's code is current
+    _lint(gm)
+    if retyped or recompile:  # a freshly built GraphModule's code is current
         gm.recompile()
     propagate_shapes(gm, inputs)
-    gm.meta[TRACED_FROM_KEY] = source
-    gm.meta[INPUT_SHAPES_KEY] = [tuple(t.shape) for t in inputs]
-    gm.meta[INPUT_DTYPES_KEY] = [t.dtype for t in inputs]
+
+
+def _lint(gm: torch.fx.GraphModule) -> None:
+    """A malformed graph is the tracer's (or the model's) doing, never the inputs'."""
+    try:
+        gm.graph.lint()
+    except Exception as exc:  # noqa: BLE001 - re-raised as a typed error
+        node = next((n for n in gm.graph.nodes if any(a.graph is not gm.graph
+                                                      for a in n.all_input_nodes)), None)
+        raise TraceError(WHERE, f"the traced graph is malformed: {str(exc).splitlines()[0]}",
+                         node=node, hint="a value computed during an earlier trace may be "
+                         "cached on the model (e.g. a tensor kept in a dict attribute); run "
+                         "the model once outside tracing, or clear the cache, and trace again"
+                         ) from exc
+
+
+def _trace_module(model: torch.nn.Module, inputs: tuple
+                  ) -> tuple[torch.fx.GraphModule, str | None]:
+    """torch.fx first; where it cannot trace the model (or its graph cannot run on the
+    inputs), torch.export. Returns the GraphModule (shapes propagated) and, after a fallback,
+    why fx failed."""
+    was_training = model.training
+    try:
+        gm = _symbolic_trace(model, len(inputs))
+        gm.train(was_training)
+        _finish(gm, inputs, recompile=False)
+        return gm, None
+    except (TraceError, InputError) as exc:
+        fx_error = exc
+    try:
+        ep = torch.export.export(model, inputs)
+        gm = _unlift(ep)
+        _finish(gm, inputs, recompile=True)
+    except Exception as exc:  # noqa: BLE001 - both front-ends failed: say so, typed
+        if isinstance(fx_error, InputError):
+            raise fx_error from exc
+        _run_eagerly(model, inputs)  # an InputError when the inputs do not fit the model
+        raise TraceError(WHERE, f"{fx_error.args[0].split(chr(10))[0].removeprefix(f'[{WHERE}] ')}"
+                         f"; torch.export failed too: {type(exc).__name__}: "
+                         f"{_first_line(exc)}", hint="make the failing construct traceable "
+                         "(e.g. no Python control flow on tensor values, or torch.cond), "
+                         "or pass an ExportedProgram you exported yourself "
+                         "(torch.export.export(model, args, strict=False))") from exc
+    why = _first_line(fx_error).removeprefix(f"[{WHERE}] ")
+    warnings.warn(f"[{WHERE}] torch.fx could not trace {type(model).__name__} ({why}); "
+                  "traced it with torch.export instead", stacklevel=3)
+    return gm, why
+
+
+def _run_eagerly(model: torch.nn.Module, inputs: tuple) -> None:
+    """Run ``model`` itself on the inputs: when that fails, the inputs are to blame."""
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as exc:  # noqa: BLE001 - re-raised as a typed error
+        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+        raise InputError(WHERE, f"the model fails on example inputs of shape {shapes}: "
+                         f"{type(exc).__name__}: {_first_line(exc)}",
+                         hint="check the example inputs' shape and dtype against what the "
+                         "model expects (e.g. (1, 3, 224, 224) for an ImageNet ViT)") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _unlift(ep) -> torch.fx.GraphModule:
+    """The GraphModule of an ExportedProgram with parameters and buffers as attributes."""
+    try:
+        gm = ep.module()
+    except Exception as exc:
+        raise TraceError(WHERE, f"could not unlift the ExportedProgram: {exc}") from exc
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise TraceError(WHERE, "ExportedProgram.module() did not return a GraphModule")
+    _strip_export_guards(gm)
     return gm
 
 

@@ -197,12 +197,7 @@ def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simi
         result = Slice(keep=masks, inplace=True)(gm) if masks else None
     pruned = result.graph_module if result is not None else _dense_copy(gm)
     _own_tensors(pruned, model_storages)
-    if isinstance(model, torch.nn.Module):
-        # tensor constants the trace made (a rotary table computed in forward) are sliced
-        # with their group but are not the model's: the plan names only the model's tensors
-        owned = dict(model.named_parameters(remove_duplicate=False))
-        owned.update(model.named_buffers(remove_duplicate=False))
-        pruned.meta[PLAN_KEY] = {n: d for n, d in pruned.meta[PLAN_KEY].items() if n in owned}
+    _plan_of_model_tensors(pruned, model)
     reached = count_macs(pruned) / dense
     pruned.meta[MACS_RATIO_KEY] = round(reached, 4)
     pruned.meta[DENSE_MACS_KEY] = dense
@@ -262,6 +257,23 @@ def groups_of_params(analysis, patterns) -> set[int]:
             gs = analysis.group_of_channel[comps.channel_of(np.asarray(c.lab).ravel())]
             found.update(int(g) for g in np.unique(gs) if g >= 0)
     return found
+
+
+def _plan_of_model_tensors(pruned, model) -> None:
+    """The plan names the model's own parameters and buffers only: a tensor constant the
+    tracer created (a plain tensor attribute, e.g. a rotary table, becomes
+    ``_tensor_constant0``) is sliced in the pruned graph but has no name in the model."""
+    plan = pruned.meta.get(PLAN_KEY)
+    if not plan:
+        return
+    if isinstance(model, torch.nn.Module):
+        names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        names.update(n for n, _ in model.named_buffers(remove_duplicate=False))
+    elif hasattr(model, "state_dict") and hasattr(model, "constants"):  # ExportedProgram
+        names = set(model.state_dict) | set(model.constants)
+    else:
+        return
+    pruned.meta[PLAN_KEY] = {k: v for k, v in plan.items() if k in names}
 
 
 def _own_copy(gm, share_params: bool = False):

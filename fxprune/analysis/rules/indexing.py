@@ -31,6 +31,9 @@ def _getitem(p: Propagator, node) -> Any:
         return v[idx] if isinstance(idx, int) else v[idx]
     if not isinstance(v, TV):
         return p.unlabeled_like(node)
+    if isinstance(idx, list) and op_name(node, None) == "index":
+        # aten.index(x, [i0, i1, ...]): one index per leading dim, None taking the whole dim
+        idx = tuple(slice(None) if i is None else i for i in idx)
     idx = idx if isinstance(idx, tuple) else (idx,)
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
     expanded = []

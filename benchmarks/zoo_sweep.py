@@ -1,0 +1,601 @@
+"""Sweep of every attention-bearing model family fxprune can find installed: timm (families
+are timm's model modules), torchvision classification models (families are its modules) and
+a set of Hugging Face vision architectures built from small configs and exported with
+``torch.export``.
+
+For each family the smallest variant that has attention is taken (random weights, the model's
+default input size, batch 1) and, in its own process with a time limit: ``fxprune.trace``,
+``fxprune.analyze`` (after the preparation passes), ``fxprune.prune(macs_ratio=0.7)`` and the
+exactness check against the ORIGINAL model with the plan's entries zeroed. Before and after
+each fxprune call the model's state (state_dict, plain attributes, training flags) is
+fingerprinted: fxprune must leave it exactly as it was.
+
+Writes ``benchmarks/results/zoo_sweep.json`` and a markdown table; with ``--results-md`` the
+table replaces the sweep section of ``benchmarks/RESULTS.md``.
+
+    OMP_NUM_THREADS=1 python benchmarks/zoo_sweep.py --jobs 1 --results-md
+    python benchmarks/zoo_sweep.py --families levit,cait,hf_vit --jobs 2
+    python benchmarks/zoo_sweep.py --list            # the families and chosen variants only
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TARGET = 0.7
+TOLERANCE = 0.02        # "exact to the target": reached ratio within this of TARGET
+EXACT_REL = 1e-4        # zeroed original vs pruned, relative to the output's magnitude
+SECTION = "## Zoo sweep"
+
+# -- enumeration ---------------------------------------------------------------------------
+
+# size words of model names, smallest first: variants are tried in this order
+_SIZE_WORDS = ["atto", "femto", "pico", "nano", "xxxs", "xxs", "micro", "ti", "tiny", "xs",
+               "mini", "t", "lite", "small", "s", "b0", "s0", "l1", "m", "medium", "base", "b",
+               "large", "l", "huge", "h", "giant", "g"]
+
+
+def _size_rank(name: str) -> tuple:
+    words = re.split(r"[_\-.]", name)
+    ranks = [_SIZE_WORDS.index(w) for w in words if w in _SIZE_WORDS]
+    numbers = [int(n) for n in re.findall(r"\d+", name)]
+    return (min(ranks) if ranks else len(_SIZE_WORDS) // 2, sum(numbers), len(name))
+
+
+_ATTENTION_WORDS = ("softmax(", "scaled_dot_product_attention", ".softmax", "fused_attn",
+                    "window_attention")
+
+
+def _looks_like_attention(src: str) -> bool:
+    if any(word in src for word in _ATTENTION_WORDS):
+        return True
+    # linear attention (k^T @ v) and additive attention (attn = f(q @ w)) have no softmax
+    return re.search(r"transpose\([^)]*\)\s*@|@\s*\w+\.transpose|attn\w* = .*\w\s*@\s*\w",
+                     src) is not None
+
+
+def _has_attention(model) -> bool:
+    """Some submodule's forward computes attention (softmax over scores, SDPA, or products
+    of activations), read off the source of the forward methods: enumeration only."""
+    import torch
+
+    seen = set()
+    for mod in model.modules():
+        cls = type(mod)
+        if isinstance(mod, torch.nn.MultiheadAttention):
+            return True
+        if cls in seen or cls.__module__.startswith("torch.nn"):
+            continue
+        seen.add(cls)
+        try:
+            src = inspect.getsource(cls)
+        except (OSError, TypeError):
+            continue
+        if _looks_like_attention(src):
+            return True
+    return False
+
+
+def _meta_params(build) -> tuple[int, bool] | None:
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = build()
+    except Exception:  # noqa: BLE001 - a variant that cannot be built is skipped
+        return None
+    return sum(p.numel() for p in model.parameters()), _has_attention(model)
+
+
+#: families inside one timm module that differ in their attention (name patterns)
+TIMM_SUBFAMILIES = {"eva_dinov3": "vit_*_dinov3", "eva_rope_vit": "vit_*_rope_*",
+                    "eva_pe": "vit_pe_core_*", "beit3": "beit3_*"}
+
+
+def _smallest_timm(names: list[str], tries: int = 4):
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    best = None
+    for name in sorted(names, key=_size_rank)[:tries]:
+        cfg = get_pretrained_cfg(name)
+        size = tuple(cfg.input_size) if cfg is not None else (3, 224, 224)
+        found = _meta_params(lambda n=name: timm.create_model(n, pretrained=False))
+        if found is None or not found[1]:
+            continue
+        cost = found[0] * size[1] * size[2]
+        if best is None or cost < best[0]:
+            best = (cost, name, size)
+    return None if best is None else {"source": "timm", "model": best[1],
+                                      "input": [1, *best[2]]}
+
+
+def timm_families(only=None) -> dict[str, dict]:
+    import timm
+
+    groups = {m: timm.list_models(module=m) for m in timm.list_modules()}
+    taken = set()
+    for fam, pattern in TIMM_SUBFAMILIES.items():
+        groups[fam] = timm.list_models(pattern)
+        taken.update(groups[fam])
+    out = {}
+    for fam, names in groups.items():
+        if only is not None and fam not in only:
+            continue
+        if fam not in TIMM_SUBFAMILIES:
+            names = [n for n in names if n not in taken]
+        spec = _smallest_timm(names) if names else None
+        if spec is not None:
+            out[fam] = spec
+    return out
+
+
+def torchvision_families(only=None) -> dict[str, dict]:
+    import torchvision
+
+    by_module: dict[str, list[str]] = {}
+    for name in torchvision.models.list_models(module=torchvision.models):
+        module = torchvision.models.get_model_builder(name).__module__.rsplit(".", 1)[-1]
+        by_module.setdefault(module, []).append(name)
+    out = {}
+    for module, names in sorted(by_module.items()):
+        if only is not None and f"tv_{module}" not in only:
+            continue
+        best = None
+        for name in sorted(names, key=_size_rank)[:6]:
+            found = _meta_params(lambda n=name: torchvision.models.get_model(n))
+            if found is None or not found[1]:
+                continue
+            if best is None or found[0] < best[0]:
+                best = (found[0], name)
+        if best is not None:
+            out[f"tv_{module}"] = {"source": "torchvision", "model": best[1],
+                                   "input": [1, 3, 224, 224]}
+    return out
+
+
+_VIT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+            image_size=32, patch_size=8)
+_HIER = dict(image_size=64, patch_size=4, embed_dim=32, depths=[1, 1], num_heads=[2, 4])
+#: Hugging Face architectures: config class -> small config (image size of the input)
+HF_ARCHS = {
+    "hf_vit": ("ViTConfig", _VIT), "hf_deit": ("DeiTConfig", _VIT),
+    "hf_beit": ("BeitConfig", dict(_VIT, use_relative_position_bias=True)),
+    "hf_data2vec_vision": ("Data2VecVisionConfig", _VIT),
+    "hf_vit_msn": ("ViTMSNConfig", _VIT), "hf_ijepa": ("IJepaConfig", _VIT),
+    "hf_dinov2": ("Dinov2Config", _VIT),
+    "hf_dinov2_registers": ("Dinov2WithRegistersConfig", _VIT),
+    "hf_dinov3": ("DINOv3ViTConfig", dict(_VIT, num_register_tokens=2)),
+    "hf_clip_vision": ("CLIPVisionConfig", _VIT),
+    "hf_siglip_vision": ("SiglipVisionConfig", _VIT),
+    "hf_swin": ("SwinConfig", dict(_HIER, window_size=4)),
+    "hf_swinv2": ("Swinv2Config", dict(_HIER, window_size=4)),
+    "hf_levit": ("LevitConfig", dict(image_size=64, hidden_sizes=[64, 96],
+                                     num_attention_heads=[2, 3],
+                                     depths=[1, 1], key_dim=[16, 16],
+                                     mlp_ratio=[2, 2], attention_ratio=[2, 2],
+                                     down_ops=[["Subsample", 16, 4, 4, 2, 2]])),
+    "hf_mobilevit": ("MobileViTConfig", dict(image_size=64)),
+    "hf_pvt_v2": ("PvtV2Config", dict(hidden_sizes=[32, 64], num_encoder_blocks=2, depths=[1, 1],
+                                      sr_ratios=[2, 1], num_attention_heads=[1, 2],
+                                      patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[4, 4])),
+    "hf_segformer": ("SegformerConfig", dict(hidden_sizes=[32, 64], num_encoder_blocks=2,
+                                            depths=[1, 1], sr_ratios=[2, 1],
+                                            num_attention_heads=[1, 2], patch_sizes=[7, 3],
+                                            strides=[4, 2], mlp_ratios=[4, 4])),
+    "hf_yolos": ("YolosConfig", dict(_VIT, image_size=[32, 32], num_detection_tokens=4)),
+    "hf_vitdet": ("VitDetConfig", dict(_VIT, pretrain_image_size=32)),
+}
+
+
+def hf_families() -> dict[str, dict]:
+    try:
+        import transformers
+    except ImportError:
+        return {}
+    out = {}
+    for fam, (cfg_name, kw) in HF_ARCHS.items():
+        if hasattr(transformers, cfg_name):
+            size = kw.get("image_size", 64)
+            size = size[0] if isinstance(size, list) else size
+            out[fam] = {"source": "hf", "model": cfg_name, "input": [1, 3, size, size]}
+    return out
+
+
+def enumerate_families(only=None) -> dict[str, dict]:
+    """family -> spec of its smallest attention-bearing variant (``only``: just these)."""
+    fams = {}
+    fams.update(timm_families(only))
+    fams.update(torchvision_families(only))
+    fams.update({f: s for f, s in hf_families().items() if only is None or f in only})
+    return fams
+
+
+# -- one family, in a worker process --------------------------------------------------------
+
+def build(spec: dict):
+    import torch
+
+    torch.manual_seed(0)
+    if spec["source"] == "timm":
+        import timm
+        model = timm.create_model(spec["model"], pretrained=False)
+    elif spec["source"] == "torchvision":
+        import torchvision
+        model = torchvision.models.get_model(spec["model"])
+    else:
+        import transformers
+        cfg_name = spec["model"]
+        config = getattr(transformers, cfg_name)(**HF_ARCHS[spec["family"]][1])
+        if hasattr(config, "num_labels"):
+            config.num_labels = 10
+        try:
+            model = transformers.AutoModelForImageClassification.from_config(config)
+        except (ValueError, KeyError, TypeError):
+            model = transformers.AutoModel.from_config(config)
+    model.eval()
+    x = torch.randn(*spec["input"])
+    return model, x
+
+
+def fingerprint(model) -> str:
+    """Digest of a module's state: every parameter and buffer (name, shape, values), every
+    submodule's training flag and plain attributes (containers walked, tensors by value)."""
+    import torch
+
+    h = hashlib.sha256()
+
+    def feed(value, depth=0):
+        if depth > 6:
+            h.update(b"deep")
+        elif isinstance(value, torch.Tensor):
+            h.update(f"T{tuple(value.shape)}{value.dtype}{type(value).__name__}".encode())
+            if value.device.type != "meta":
+                h.update(value.detach().cpu().contiguous().numpy().tobytes()
+                         if value.dtype != torch.bfloat16 else
+                         value.detach().float().cpu().numpy().tobytes())
+        elif isinstance(value, dict):
+            h.update(b"{")
+            for k in sorted(value, key=repr):
+                h.update(repr(k).encode())
+                feed(value[k], depth + 1)
+            h.update(b"}")
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            h.update(type(value).__name__.encode())
+            for v in (sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value):
+                feed(v, depth + 1)
+        elif isinstance(value, (int, float, str, bool, type(None), torch.dtype, torch.device)):
+            h.update(repr(value).encode())
+        elif isinstance(value, torch.nn.Module):
+            h.update(b"module")
+        else:  # functions, configs, ...: their type and identity-free description
+            h.update(type(value).__qualname__.encode())
+
+    for name, t in model.state_dict(keep_vars=True).items():
+        h.update(name.encode())
+        feed(t)
+    for name, mod in model.named_modules():
+        h.update(f"{name}:{mod.training}".encode())
+        for k, v in sorted(vars(mod).items()):
+            if k in ("_parameters", "_buffers", "_modules") or k.startswith("_forward") or \
+                    k.startswith("_backward") or k.startswith("_state_dict") or \
+                    k.startswith("_load_state_dict"):
+                continue
+            h.update(k.encode())
+            feed(v)
+    return h.hexdigest()
+
+
+def _first_tensor(out):
+    import torch
+
+    if hasattr(out, "logits") and out.logits is not None:
+        return out.logits
+    if isinstance(out, dict):
+        out = next(v for v in out.values() if v is not None)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return _first_tensor(out) if not isinstance(out, torch.Tensor) else out
+
+
+def zeroed_original(model, plan):
+    """The original model with the plan's not-kept entries zeroed (the README's check)."""
+    import copy
+
+    import torch
+
+    zeroed = copy.deepcopy(model)
+    tensors = dict(zeroed.named_parameters(remove_duplicate=False))
+    tensors.update(dict(zeroed.named_buffers(remove_duplicate=False)))
+    with torch.no_grad():
+        for name, dims in plan.items():
+            t = tensors[name]
+            for dim, kept in dims.items():
+                drop = torch.ones(t.shape[dim], dtype=torch.bool)
+                drop[kept] = False
+                index = [slice(None)] * t.ndim
+                index[dim] = drop
+                t[tuple(index)] = 0
+    return zeroed
+
+
+def _error(exc: BaseException, stage: str) -> dict:
+    import fxprune
+
+    lines = str(exc).strip().splitlines()
+    return {"stage": stage, "type": type(exc).__name__, "typed": isinstance(
+        exc, fxprune.FxPruneError), "message": "\n".join(lines[:3])[:600],
+        "where": traceback.extract_tb(exc.__traceback__)[-1].name if exc.__traceback__ else ""}
+
+
+def run_one(spec: dict) -> dict:
+    """trace, analyze, prune and check one family; every result lands in the returned dict."""
+    import warnings
+    from collections import Counter
+
+    import torch
+
+    torch.set_num_threads(1)
+    import fxprune
+    from fxprune.pipeline import prepare
+
+    res = {"family": spec["family"], "source": spec["source"], "model": spec["model"],
+           "input": spec["input"], "unchanged": True, "changed_by": []}
+    t0 = time.perf_counter()
+    model, x = build(spec)
+    subject = model
+    if spec["source"] == "hf":
+        subject = torch.export.export(model, (x,))
+    res["build_s"] = round(time.perf_counter() - t0, 2)
+    state = fingerprint(model)
+
+    def check(stage):
+        nonlocal state
+        now = fingerprint(model)
+        if now != state:
+            res["unchanged"] = False
+            res["changed_by"].append(stage)
+            state = now
+
+    stage = "trace"
+    t1 = time.perf_counter()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gm = fxprune.trace(subject, x)
+            check("trace")
+            res["traced_from"] = gm.meta.get("fxprune.traced_from")
+            res["trace_note"] = gm.meta.get("fxprune.trace_fallback")
+            stage = "analyze"
+            gm, _ = prepare(gm)
+            analysis = fxprune.analyze(gm)
+            check("analyze")
+            res["sites"] = len(analysis.attention)
+            res["site_kinds"] = dict(Counter(s.kind for s in analysis.attention))
+            res["groups_prunable"] = sum(1 for g in analysis.groups if g.prunable)
+            res["groups_frozen"] = dict(Counter(g.frozen for g in analysis.groups
+                                                if g.frozen and g.kind != "embed"))
+            del gm, analysis
+            stage = "prune"
+            pruned = fxprune.prune(subject, x, macs_ratio=TARGET)
+            check("prune")
+            res["macs_ratio"] = pruned.meta.get("fxprune.macs_ratio")
+            report = pruned.meta.get("fxprune.report")
+            if report is not None:
+                res["report"] = json.loads(json.dumps(report, default=str))
+            stage = "exactness"
+            plan = pruned.meta["fxprune.plan"]
+            res["plan_params"] = len(plan)
+            with torch.no_grad():
+                ref = _first_tensor(zeroed_original(model, plan)(x))
+                out = _first_tensor(pruned(x))
+            err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+            res["rel_err"] = err
+            res["exact"] = err < EXACT_REL
+        res["warnings"] = sorted({str(w.message).splitlines()[0][:200] for w in caught
+                                  if "fxprune" in str(w.message)})[:5]
+    except Exception as exc:  # noqa: BLE001 - recorded; the sweep goes on
+        res["error"] = _error(exc, stage)
+        try:
+            check(stage)
+        except Exception:  # noqa: BLE001 - a model that cannot be fingerprinted again
+            pass
+    res["seconds"] = round(time.perf_counter() - t1, 2)
+    res["status"] = status_of(res)
+    return res
+
+
+def status_of(res: dict) -> str:
+    if not res.get("unchanged", True):
+        return "modified"
+    if "error" in res:
+        return "refused" if res["error"].get("typed") else "crashed"
+    if not res.get("exact"):
+        return "wrong"
+    if not res.get("sites"):
+        return "missed"
+    ratio = res.get("macs_ratio")
+    if ratio is not None and abs(ratio - TARGET) <= TOLERANCE:
+        return "exact"
+    return "below" if ratio is not None and ratio < TARGET else "partial"
+
+
+def _worker(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    try:
+        res = run_one(spec)
+    except Exception as exc:  # noqa: BLE001 - e.g. the model cannot be built
+        res = {"family": spec["family"], "source": spec["source"], "model": spec["model"],
+               "status": "crashed", "error": {"stage": "build", "type": type(exc).__name__,
+                                              "typed": False,
+                                              "message": str(exc).splitlines()[0][:600]
+                                              if str(exc) else ""}}
+    print("@@RESULT@@" + json.dumps(res, default=str))
+
+
+def run_family(family: str, spec: dict, timeout: float) -> dict:
+    spec = dict(spec, family=family)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker",
+                               json.dumps(spec)], capture_output=True, text=True,
+                              timeout=timeout, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return dict(spec, status="timeout", seconds=round(time.perf_counter() - t0, 1),
+                    error={"stage": "?", "type": "Timeout", "typed": False,
+                           "message": f"over {timeout:.0f} s"})
+    for line in proc.stdout.splitlines()[::-1]:
+        if line.startswith("@@RESULT@@"):
+            res = json.loads(line[len("@@RESULT@@"):])
+            res["wall_s"] = round(time.perf_counter() - t0, 1)
+            return res
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return dict(spec, status="crashed", wall_s=round(time.perf_counter() - t0, 1),
+                error={"stage": "process", "type": f"exit {proc.returncode}", "typed": False,
+                       "message": " | ".join(tail)[:600]})
+
+
+# -- reporting -----------------------------------------------------------------------------
+
+def _frozen_text(res: dict) -> str:
+    frozen = res.get("groups_frozen") or {}
+    parts = [f"{n}x {reason[:70]}" for reason, n in sorted(frozen.items(), key=lambda kv: -kv[1])]
+    return "; ".join(parts[:3]) + (" ..." if len(parts) > 3 else "")
+
+
+def table(results: list[dict]) -> str:
+    head = ("| family | model | sites | groups prunable / frozen (why) | MACs ratio | exact "
+            "| s | status |\n|---|---|---|---|---|---|---|---|\n")
+    rows = []
+    for r in results:
+        err = r.get("error")
+        why = _frozen_text(r)
+        if err:
+            why = f"{err.get('stage')}: {err.get('type')}: {err.get('message', '')[:120]}"
+        why = why.replace("|", "/").replace("\n", " ")
+        frozen_n = sum((r.get("groups_frozen") or {}).values())
+        groups = (f"{r['groups_prunable']} / {frozen_n}" if "groups_prunable" in r else "-")
+        exact = {True: "yes", False: "NO"}.get(r.get("exact"), "-")
+        if r.get("exact") is not None:
+            exact += f" ({r['rel_err']:.0e})"
+        ratio = r.get("macs_ratio")
+        rows.append(f"| {r['family']} | {r.get('model', '')} | {r.get('sites', '-')} | "
+                    f"{groups}{(': ' + why) if why else ''} | "
+                    f"{'-' if ratio is None else f'{ratio:.3f}'} | {exact} | "
+                    f"{r.get('wall_s', r.get('seconds', '-'))} | {r['status']} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def summary(results: list[dict]) -> dict:
+    from collections import Counter
+
+    return dict(Counter(r["status"] for r in results))
+
+
+def write_results_md(text: str) -> None:
+    path = HERE / "RESULTS.md"
+    old = path.read_text() if path.exists() else ""
+    start = old.find(SECTION)
+    if start >= 0:
+        nxt = old.find("\n## ", start + len(SECTION))
+        old = old[:start] + (old[nxt + 1:] if nxt >= 0 else "")
+    path.write_text(old.rstrip() + "\n\n" + text)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--families", help="comma-separated family names (default: all found)")
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--timeout", type=float, default=240.0, help="seconds per family")
+    ap.add_argument("--out", default=str(HERE / "results" / "zoo_sweep.json"))
+    ap.add_argument("--results-md", action="store_true", help="write the table into RESULTS.md")
+    ap.add_argument("--list", action="store_true", help="print the families and stop")
+    ap.add_argument("--rerender", action="store_true",
+                    help="rebuild the statuses and the table from --out without running")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        _worker(args.worker)
+        return 0
+    if args.rerender:
+        doc = json.loads(Path(args.out).read_text())
+        for r in doc["results"]:
+            r["status"] = status_of(r) if r["status"] not in ("timeout",) else r["status"]
+        doc["summary"] = summary(doc["results"])
+        return _write(doc, args)
+    t0 = time.perf_counter()
+    wanted = [f.strip() for f in (args.families or "").split(",") if f.strip()]
+    fams = enumerate_families(set(wanted) if wanted else None)
+    if wanted:
+        missing = [f for f in wanted if f not in fams]
+        if missing:
+            print(f"unknown families: {', '.join(missing)}", file=sys.stderr)
+            return 2
+        fams = {f: fams[f] for f in wanted}
+    enum_s = time.perf_counter() - t0
+    if args.list:
+        for f, spec in fams.items():
+            print(f"{f:32s} {spec['source']:12s} {spec['model']:40s} {spec['input']}")
+        print(f"{len(fams)} families, enumerated in {enum_s:.1f} s")
+        return 0
+    results = []
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        futures = {pool.submit(run_family, f, spec, args.timeout): f for f, spec in fams.items()}
+        for fut in concurrent.futures.as_completed(futures):
+            r = fut.result()
+            results.append(r)
+            print(f"{r['family']:30s} {r['status']:9s} {r.get('macs_ratio')} "
+                  f"{(r.get('error') or {}).get('message', '')[:100]!r}", flush=True)
+    order = list(fams)
+    results.sort(key=lambda r: order.index(r["family"]))
+    wall = time.perf_counter() - t0
+    import platform
+
+    import torch
+    doc = {"target": TARGET, "tolerance": TOLERANCE, "jobs": args.jobs,
+           "wall_s": round(wall, 1), "enumerate_s": round(enum_s, 1),
+           "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
+           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True, cwd=ROOT).stdout.strip(),
+           "summary": summary(results), "results": results}
+    return _write(doc, args)
+
+
+def _write(doc: dict, args) -> int:
+    results, wall = doc["results"], doc["wall_s"]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    md = (f"{SECTION}\n\n`OMP_NUM_THREADS=1 python benchmarks/zoo_sweep.py --jobs {doc['jobs']} "
+          f"--results-md` at commit {doc['commit']} ({doc['machine']}, torch {doc['torch']}): "
+          f"{len(results)} families, wall time {wall / 60:.1f} min. Target macs_ratio {TARGET}; "
+          f"`exact`: the pruned model equals the original with the plan's entries zeroed "
+          f"(relative error < {EXACT_REL:g}); status `exact` = exact and within {TOLERANCE} of "
+          f"the target, `partial` = exact but above it, `below` = exact but further below it, "
+          f"`refused` = a typed fxprune error, "
+          f"`crashed` = any other error, `missed` = no attention site found, `modified` = an "
+          f"fxprune call changed the model. Summary: "
+          + ", ".join(f"{k} {v}" for k, v in sorted(doc["summary"].items())) + ".\n\n"
+          + table(results))
+    print(md)
+    if args.results_md:
+        write_results_md(md)
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())
