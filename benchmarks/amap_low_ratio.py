@@ -58,6 +58,7 @@ Rows: ``{"model", "seed", "ratio", "variant", "macs_ratio", "deployable_macs_rat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -133,6 +134,8 @@ def run_ratio(kind, seed, ratio, dense, data, args, log) -> list[dict]:
             f"{r['deployable_macs_ratio']:.3f})  {r['seconds']:.0f} s")
 
     cfg = SearchConfig(macs_ratio=ratio, epochs=args.search_epochs, seed=seed, progress=False)
+    if args.indicator_lr:
+        cfg = dataclasses.replace(cfg, indicator_lr=args.indicator_lr)
     for search_name, overrides in SEARCHES.items():
         if search_name not in names:
             continue
@@ -239,6 +242,11 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--cache", default=str(digits_models.CACHE))
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--indicator-lr", type=float, default=None,
+                   help="search indicator lr (default: SearchConfig's, 2e-2)")
+    p.add_argument("--train-images", type=int, default=None,
+                   help="train on the first N training images only, dense models trained "
+                        "afresh and not cached (smoke tests)")
     p.add_argument("--summarize", nargs="+", metavar="JSON",
                    help="only print the tables of these result files (rows concatenated)")
     args = p.parse_args(argv)
@@ -250,6 +258,10 @@ def main(argv=None) -> list[dict]:
     # refine() logs float(loss) of a tensor that requires grad (harmless)
     warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
     data = load_digits_split()
+    if args.train_images:
+        data = dataclasses.replace(data, x_train=data.x_train[:args.train_images],
+                                   y_train=data.y_train[:args.train_images])
+        args.no_cache = True
     print(f"AMAP at low ratios: models {args.models}, seeds {args.first_seed}.."
           f"{args.first_seed + args.seeds - 1}, ratios {args.ratios}, search {args.search_epochs}"
           f" + refine {args.refine_epochs} epochs (one-shot fine-tune "
@@ -259,7 +271,9 @@ def main(argv=None) -> list[dict]:
     meta = {"threads": args.threads, "load_average_start": load0,
             "search_epochs": args.search_epochs, "refine_epochs": args.refine_epochs,
             "oneshot_finetune_epochs": args.search_epochs + args.refine_epochs,
-            "steps_per_epoch": len(abl.EpochLoader(data, 0)), "torch": torch.__version__,
+            "steps_per_epoch": len(abl.EpochLoader(data, 0)),
+            "indicator_lr": args.indicator_lr or SearchConfig().indicator_lr,
+            "torch": torch.__version__,
             "argv": sys.argv[1:] if argv is None else list(argv)}
     try:
         import _env

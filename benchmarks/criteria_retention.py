@@ -246,7 +246,8 @@ def plot(rows: list[dict], path: str) -> None:
                     m = [s[0] for s in stats]
                     lo = [s[0] - s[1] for s in stats]
                     hi = [s[0] + s[1] for s in stats]
-                    ax.plot(ratios, m, styles[h], color=colors[c], marker="o", ms=3,
+                    ax.plot(ratios, m, styles[h], color=colors[c], ms=3,
+                            marker="o" if h == "channels" else "s",
                             label=variant_name(c, h))
                     ax.fill_between(ratios, lo, hi, color=colors[c], alpha=0.12, lw=0)
         ax_row[0].axhline(dense_acc, color="black", lw=0.8, ls=":", label="dense")
