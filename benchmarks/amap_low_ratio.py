@@ -22,7 +22,7 @@ dense model:
 ``oneshot-<c>``         ``fxprune.prune(dense, x, r, criterion=c, align=1)``, then fine-tuned
 
 Training budget, equal for every variant: ``search_epochs + refine_epochs`` epochs of weight
-updates after the dense model (default 10 + 10 = 20 epochs of 22 steps of 64 images). AMAP
+updates after the dense model (default 8 + 8 = 16 epochs of 22 steps of 64 images). AMAP
 variants train weights and indicators together for ``search_epochs`` (``SearchConfig``
 defaults: AdamW 5e-4 -> 5e-6, wd 1e-6, indicator lr 2e-2, MACs weight 5, tau 0.5), then refine
 for ``refine_epochs`` (same optimizer); one-shot variants are fine-tuned for
@@ -45,9 +45,13 @@ dense model) with its 95% CI; ``*`` marks an interval that excludes 0.
 
 Usage::
 
-    python benchmarks/digits_models.py --seeds 6                      # fill the cache
-    python benchmarks/amap_low_ratio.py --seeds 6                     # both models (~40 min)
+    python benchmarks/digits_models.py --seeds 5                      # fill the cache
     python benchmarks/amap_low_ratio.py --models vit --out /tmp/v.json  # one model
+    python benchmarks/amap_low_ratio.py --summarize /tmp/v.json /tmp/f.json  # tables only
+
+Time (benchmarks/RESULTS.md): with the defaults (5 seeds, 8 + 8 epochs) 331 s of CPU for the
+ViT and 428 s for FLatten; run as two processes side by side on the shared 2-core machine
+(load average 7 to 12) they took 38 and 40 minutes of wall.
 
 ``--search-epochs`` / ``--refine-epochs`` set the budget (one-shot fine-tune: their sum).
 Rows: ``{"model", "seed", "ratio", "variant", "macs_ratio", "deployable_macs_ratio",
@@ -231,11 +235,11 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(HERE / "results" / "amap_low_ratio.json"))
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    p.add_argument("--seeds", type=int, default=6)
+    p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
-    p.add_argument("--search-epochs", type=int, default=10)
-    p.add_argument("--refine-epochs", type=int, default=10)
+    p.add_argument("--search-epochs", type=int, default=8)
+    p.add_argument("--refine-epochs", type=int, default=8)
     p.add_argument("--oneshot", nargs="+", default=["similarity"], choices=cr.CRITERIA,
                    help="one-shot criteria fine-tuned with the same budget")
     p.add_argument("--dense-epochs", type=int, default=digits_models.DENSE_EPOCHS)

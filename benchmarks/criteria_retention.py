@@ -27,14 +27,15 @@ top-1 equals the dense model's), ``kl`` (mean over the 1,797 images, nats). Summ
 95% confidence interval over seeds (Student t); comparisons between criteria are paired by seed
 (the same dense model): mean difference and its 95% CI.
 
-Time: inference only once the cache is filled (about 0.2 s per prune of the ViT and 0.5 s of
-FLatten-Swin with one thread, so about 7 minutes for 2 models x 10 seeds x 7 ratios x 8
-variants). Filling the cache trains 20 models, about 1 minute each.
+Time: inference only once the cache is filled: the default run (2 models x 10 seeds x 7 ratios
+x 8 variants = 1,120 prunings) took 347 s of CPU with one thread, 775 s of wall while other jobs
+shared the 2 cores (benchmarks/RESULTS.md). Filling the cache trains 20 models, about 1
+minute of CPU each.
 
 Usage::
 
     python benchmarks/digits_models.py --seeds 10                  # fill the cache (~20 min)
-    python benchmarks/criteria_retention.py                        # JSON + PNG + tables (~7 min)
+    python benchmarks/criteria_retention.py                        # JSON + PNG + tables (~6 min)
 
 Rows: ``{"model", "seed", "criterion", "heads", "target", "macs_ratio", "acc_test", "acc_all",
 "agree", "kl", "seconds"}``; the dense model of each seed is a row with ``criterion`` "dense".
