@@ -24,7 +24,8 @@ def test_zoo_sweep_five_families(tmp_path):
     results = {r["family"]: r for r in doc["results"]}
     assert list(results) == FAMILIES
     for fam, r in results.items():
-        assert r["status"] in ("exact", "below", "partial", "refused", "missed"), (fam, r.get("error"))
+        assert r["status"] in ("exact", "below", "partial", "refused", "missed"), \
+            (fam, r.get("error"))
         assert r["unchanged"], (fam, r["changed_by"])
         if r["status"] in ("exact", "below", "partial"):
             assert r["exact"] and r["rel_err"] < 1e-4
