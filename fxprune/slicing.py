@@ -297,7 +297,9 @@ def _rewrite_shape_args(node, name, lab_keep, changes) -> None:
     changes.append(f"{node.name}: {name} sizes {list(old)} -> {list(shape_new)}")
 
 
-def _input_mask_along(node, lab_keep, dim):
+def _input_keep_mask(node, lab_keep, dim):
+    """The keep mask of ``node``'s input (one entry per element), or None where the input has
+    no channel components or is not split along ``dim``."""
     src = node.args[0]
     meta = src.meta.get(COMPS_KEY)
     shape = src.meta.get(SHAPE_KEY)
@@ -305,6 +307,13 @@ def _input_mask_along(node, lab_keep, dim):
         return None
     mask = comp_mask(lab_keep, meta, len(shape))
     if mask is None or mask.shape[dim] == 1:
+        return None
+    return mask
+
+
+def _input_mask_along(node, lab_keep, dim):
+    mask = _input_keep_mask(node, lab_keep, dim)
+    if mask is None:
         return None
     other = tuple(o for o in range(mask.ndim) if o != dim)
     return mask.any(axis=other) if other else mask
@@ -312,13 +321,8 @@ def _input_mask_along(node, lab_keep, dim):
 
 def _input_lines_along(node, lab_keep, dim):
     """The keep mask of ``node``'s input as lines along ``dim``: (lines, size)."""
-    src = node.args[0]
-    meta = src.meta.get(COMPS_KEY)
-    shape = src.meta.get(SHAPE_KEY)
-    if not isinstance(meta, list) or shape is None or not all(isinstance(e, tuple) for e in meta):
-        return None
-    mask = comp_mask(lab_keep, meta, len(shape))
-    if mask is None or mask.shape[dim] == 1:
+    mask = _input_keep_mask(node, lab_keep, dim)
+    if mask is None:
         return None
     return np.moveaxis(mask, dim, -1).reshape(-1, mask.shape[dim])
 
