@@ -15,7 +15,7 @@ from fxprune.app.models_registry import load_model, parse_spec
 from fxprune.errors import InputError
 from fxprune.models.reference import tiny_vit
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 HAS_PRUNE = any(importlib.util.find_spec(m) is not None
                 for m in ("fxprune.planning.oneshot", "fxprune.prune"))
 
