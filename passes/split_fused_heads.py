@@ -43,7 +43,7 @@ from fxprune.ops import op_name
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
 from fxprune.tracing import example_zeros, propagate_shapes
 
-VIEW_OPS = {"view", "reshape", "_unsafe_view"}
+VIEW_OPS = {"view", "reshape", "_unsafe_view", "unflatten"}
 CHAIN_OPS = {"permute", "transpose", "contiguous"}
 
 
@@ -129,20 +129,28 @@ class SplitFusedHeads(FxPass):
         takers = self._takers(gm, cur, p, parts)
         if takers is None:
             return "no match"
-        args = list(view.args[1:])
-        if len(args) == 1 and isinstance(args[0], (list, tuple)):
-            args = list(args[0])
-        if len(args) != len(out_shape) or (isinstance(args[part_dim], int) and
-                                           args[part_dim] == -1):
-            return "the part dim is given as -1 or the shape is not spelled per dim"
+        if op_name(view, gm) == "unflatten":
+            rebuild = self._unflatten_without(view, len(in_shape), part_dim)
+            if isinstance(rebuild, str):
+                return rebuild
+        else:
+            args = list(view.args[1:])
+            if len(args) == 1 and isinstance(args[0], (list, tuple)):
+                args = list(args[0])
+            if len(args) != len(out_shape) or (isinstance(args[part_dim], int) and
+                                               args[part_dim] == -1):
+                return "the part dim is given as -1 or the shape is not spelled per dim"
+            new_args = [a for d, a in enumerate(args) if d != part_dim]
+
+            def rebuild(graph, x):
+                return graph.call_method("reshape", (x, *new_args))
         width = in_shape[-1] // parts
-        new_args = [a for d, a in enumerate(args) if d != part_dim]
         for i in range(parts):
             with gm.graph.inserting_before(takers[i] if takers[i].op != "output" else cur):
                 x = gm.graph.call_function(
                     operator.getitem, (src, (Ellipsis, slice(i * width, (i + 1) * width))))
                 new = [x]
-                x = gm.graph.call_method("reshape", (x, *new_args))
+                x = rebuild(gm.graph, x)
                 new.append(x)
                 pd = part_dim
                 for _link, perm in chain:
@@ -158,6 +166,24 @@ class SplitFusedHeads(FxPass):
             gm.graph.erase_node(t)
         changes.append(f"{view.name}: {parts} parts of {src.name} reshaped separately")
         return None
+
+    @staticmethod
+    def _unflatten_without(view, ndim_in: int, part_dim: int):
+        """For ``unflatten(src, dim, sizes)`` of src's last dim: a function building the same
+        unflatten of one part (``sizes`` without the part entry), or why there is none."""
+        dim = view.args[1] if len(view.args) > 1 else view.kwargs.get("dim")
+        sizes = view.args[2] if len(view.args) > 2 else view.kwargs.get("sizes")
+        if not isinstance(dim, int) or dim % ndim_in != ndim_in - 1 or \
+                not isinstance(sizes, (list, tuple)):
+            return "no match"
+        at = part_dim - (ndim_in - 1)  # the part's position inside ``sizes``
+        if not 0 <= at < len(sizes) or sizes[at] == -1:
+            return "the part dim is given as -1 or the shape is not spelled per dim"
+        rest = tuple(v for i, v in enumerate(sizes) if i != at)
+
+        def rebuild(graph, x):
+            return graph.call_method("unflatten", (x, -1, rest))
+        return rebuild
 
     @staticmethod
     def _takers(gm, cur, p, parts):
