@@ -64,14 +64,30 @@ def _concrete_args(module: torch.nn.Module, n_inputs: int) -> dict[str, Any] | N
 
 
 class _Tracer(torch.fx.Tracer):
-    """torch.fx tracer that keeps torch.nn built-ins as leaves (the analysis knows them) and
-    traces into every other module, so user and timm modules become plain ops."""
+    """torch.fx tracer that keeps torch.nn's single-op built-ins as leaves (the analysis knows
+    them) and traces into every other module, so user and timm modules become plain ops.
 
-    def __init__(self, autowrap_functions: tuple = ()):
+    torch.nn built-ins made of other modules (``TransformerEncoder``, its layers, ...) are
+    traced into too: as leaves their channels would stay opaque. Only ``nn.MultiheadAttention``
+    stays a leaf, for the ``decompose-mha`` pass. Where tracing into them meets control flow,
+    :func:`trace` falls back to ``torch.export``, and where that fails too, to torch.fx with
+    them as leaves (``leaf_containers``: traced, their channels opaque)."""
+
+    def __init__(self, autowrap_functions: tuple = (), leaf_containers: bool = False):
         super().__init__(autowrap_functions=autowrap_functions)
+        self.leaf_containers = leaf_containers
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, torch.nn.MultiheadAttention):
+            return True
+        if not self.leaf_containers and m.__module__.startswith("torch.nn") and \
+                next(m.children(), None) is not None:
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
 
 
-def _symbolic_trace(module: torch.nn.Module, n_inputs: int) -> torch.fx.GraphModule:
+def _symbolic_trace(module: torch.nn.Module, n_inputs: int, leaf_containers: bool = False
+                    ) -> torch.fx.GraphModule:
     concrete = _concrete_args(module, n_inputs)
     attempts: list[tuple[str, tuple]] = [("plain", ())]
     try:  # timm registers helpers that cannot be traced through; use them only as a fallback
@@ -82,7 +98,7 @@ def _symbolic_trace(module: torch.nn.Module, n_inputs: int) -> torch.fx.GraphMod
         pass
     errors = []
     for label, wrapped in attempts:
-        tracer = _Tracer(autowrap_functions=wrapped)
+        tracer = _Tracer(autowrap_functions=wrapped, leaf_containers=leaf_containers)
         try:
             graph = tracer.trace(module, concrete_args=concrete)
         except Exception as exc:  # noqa: BLE001 - re-raised below as a typed error
@@ -402,6 +418,9 @@ def _trace_module(model: torch.nn.Module, inputs: tuple
     except Exception as exc:  # noqa: BLE001 - both front-ends failed: say so, typed
         if isinstance(fx_error, InputError):
             raise fx_error from exc
+        opaque = _containers_as_leaves(model, inputs, was_training)
+        if opaque is not None:
+            return opaque, None
         _run_eagerly(model, inputs)  # an InputError when the inputs do not fit the model
         raise TraceError(WHERE, f"{fx_error.args[0].split(chr(10))[0].removeprefix(f'[{WHERE}] ')}"
                          f"; torch.export failed too: {type(exc).__name__}: "
@@ -413,6 +432,24 @@ def _trace_module(model: torch.nn.Module, inputs: tuple
     warnings.warn(f"[{WHERE}] torch.fx could not trace {type(model).__name__} ({why}); "
                   "traced it with torch.export instead", stacklevel=3)
     return gm, why
+
+
+def _containers_as_leaves(model, inputs: tuple, was_training: bool):
+    """torch.fx with torch.nn's composite modules as leaves (their channels stay opaque), or
+    None where the model has none or fx fails that way too."""
+    if not any(m.__module__.startswith("torch.nn") and next(m.children(), None) is not None
+               and not isinstance(m, torch.nn.MultiheadAttention) for m in model.modules()):
+        return None
+    try:
+        gm = _symbolic_trace(model, len(inputs), leaf_containers=True)
+        gm.train(was_training)
+        _finish(gm, inputs, recompile=False)
+    except (TraceError, InputError):
+        return None
+    warnings.warn(f"[{WHERE}] {type(model).__name__}: neither torch.fx nor torch.export could "
+                  "trace into its torch.nn composite modules; they stay opaque leaves (their "
+                  "channels dense)", stacklevel=4)
+    return gm
 
 
 def _run_eagerly(model: torch.nn.Module, inputs: tuple) -> None:
