@@ -412,7 +412,7 @@ def _trace_module(model: torch.nn.Module, inputs: tuple
     except (TraceError, InputError) as exc:
         fx_error = exc
     try:
-        ep = torch.export.export(model, inputs)
+        ep = _export(model, inputs)
         gm = _unlift(ep)
         _finish(gm, inputs, recompile=True)
     except Exception as exc:  # noqa: BLE001 - both front-ends failed: say so, typed
@@ -432,6 +432,25 @@ def _trace_module(model: torch.nn.Module, inputs: tuple
     warnings.warn(f"[{WHERE}] torch.fx could not trace {type(model).__name__} ({why}); "
                   "traced it with torch.export instead", stacklevel=3)
     return gm, why
+
+
+def _export(model: torch.nn.Module, inputs: tuple):
+    """``torch.export`` with the batch dim dynamic where it can be (so the pruned model takes
+    any batch size, as an fx-traced one does), else with the example's sizes.
+
+    torch.export specialises a dim whose example size is 1, so a batch of 1 is exported from
+    a copy of the inputs repeated to a batch of 2."""
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    if len(tensors) == len(inputs) and tensors and \
+            all(t.ndim >= 1 and t.shape[0] == tensors[0].shape[0] for t in tensors):
+        batch = torch.export.Dim("batch")
+        wider = tuple(torch.cat([t, t]) if t.shape[0] == 1 else t for t in tensors)
+        try:
+            return torch.export.export(model, wider,
+                                       dynamic_shapes=tuple({0: batch} for _ in wider))
+        except Exception:  # noqa: BLE001 - data-dependent batch handling: sizes as traced
+            pass
+    return torch.export.export(model, inputs)
 
 
 def _containers_as_leaves(model, inputs: tuple, was_training: bool):

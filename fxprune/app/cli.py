@@ -9,7 +9,8 @@ Subcommands::
     fxprune bench   [--models NAME ...] [--out FILE] [--repeats 5] [--threads 2]
 
 ``MODEL`` is a spec read by :func:`fxprune.app.models_registry.load_model`: ``timm:<name>``,
-``torchvision:<name>``, ``fxprune:<factory>`` or ``path/to/file.py:<factory>``.
+``torchvision:<name>``, ``fxprune:<factory>``, ``hf:<model id or directory>`` or
+``path/to/file.py:<factory>``.
 
 Errors fxprune raises on purpose (:class:`fxprune.errors.FxPruneError`) are printed as one
 paragraph on stderr with exit status 2; ``--debug`` adds the traceback. ``prune`` prints
@@ -288,7 +289,7 @@ def _criteria() -> tuple[str, ...]:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="timm:<name> | torchvision:<name> | fxprune:<factory> | "
-                   "path/to/file.py:<factory>")
+                   "hf:<model id or directory> | path/to/file.py:<factory>")
     p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), default=None,
                    help="spatial size of the example input (default: the model's own)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
