@@ -4,13 +4,16 @@ slack of the target, never far below it because one last step cut a whole stem h
 
 from __future__ import annotations
 
+import dataclasses
+import heapq
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import fxprune
 from fxprune.passes.slice import Slice
-from fxprune.planning.allocation import SLACK, allocate, keep_masks
+from fxprune.planning.allocation import SLACK, allocate, keep_masks, refine
 from fxprune.planning.cost import CostModel
 from fxprune.planning.criteria import channel_scores
 from fxprune.planning.units import group_units
@@ -145,3 +148,47 @@ def test_cost_of_a_functional_conv_group_matches_the_sliced_model():
     # both convs lose half their MACs: the second one's input width comes from its weight
     assert saved == fxprune.count_macs(gm) - fxprune.count_macs(sliced, x)
     assert saved == 16 * 16 * 8 * 27 + 16 * 16 * 8 * 8 * 9
+
+
+@dataclasses.dataclass
+class _Steps:
+    """A stand-in allocation candidate: allowed counts, MACs per step, a fixed priority."""
+
+    steps: list[int]
+    cost: int
+    priority: float
+    i: int = 0
+
+    def heap_entry(self, seq):
+        return (self.priority + self.i, seq)
+
+
+def _refined(cands, taken, target=700, slack=10):
+    heap = [c.heap_entry(seq) for seq, c in enumerate(cands) if c.i + 1 < len(c.steps)]
+    heapq.heapify(heap)
+
+    def measure():
+        return 1000 - sum(c.cost * c.i for c in cands)
+
+    refine(measure, cands, heap, taken, target, slack)
+    return measure(), [c.i for c in cands]
+
+
+def test_refine_gives_back_a_step_that_cut_too_far():
+    # the greedy took two fine steps and then a coarse one (300 of 1000 MACs): 680 < 690
+    coarse, fine = _Steps([16, 8], 300, 5.0, i=1), _Steps(list(range(64, 0, -1)), 10, 0.0, i=2)
+    assert _refined([coarse, fine], taken=[1, 1, 0]) == (700, [0, 30])
+
+
+def test_refine_passes_over_a_coarse_step_and_falls_back_on_it():
+    # the coarse step would land at 650 (below 690): fine steps first, and when they run out
+    # above the target the coarse step is the only one that gets there
+    coarse, fine = _Steps([16, 8], 350, 0.0), _Steps([4, 3, 2, 1], 10, 1.0)
+    assert _refined([coarse, fine], taken=[]) == (620, [1, 3])
+
+
+def test_refine_leaves_a_plan_within_the_slack():
+    coarse, fine = _Steps([16, 8], 300, 0.0, i=1), _Steps([4, 3, 2, 1], 1, 1.0, i=1)
+    assert _refined([coarse, fine], taken=[0, 1]) == (699, [1, 1])
+    coarse, fine = _Steps([16, 8], 290, 0.0, i=1), _Steps([4, 3, 2, 1], 1, 1.0, i=1)
+    assert _refined([coarse, fine], taken=[0, 1]) == (709, [1, 1])
