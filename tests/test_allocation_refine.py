@@ -181,10 +181,17 @@ def test_refine_gives_back_a_step_that_cut_too_far():
 
 
 def test_refine_passes_over_a_coarse_step_and_falls_back_on_it():
-    # the coarse step would land at 650 (below 690): fine steps first, and when they run out
-    # above the target the coarse step is the only one that gets there
+    # the coarse step would land at 650 (below 690): the fine steps go first, and when they
+    # run out above the target the closest plan below it measured is the coarse step alone
     coarse, fine = _Steps([16, 8], 350, 0.0), _Steps([4, 3, 2, 1], 10, 1.0)
-    assert _refined([coarse, fine], taken=[]) == (620, [1, 3])
+    assert _refined([coarse, fine], taken=[]) == (650, [1, 0])
+
+
+def test_refine_never_returns_a_plan_worse_than_the_greedys():
+    # the greedy's 680 is below the slack; giving the coarse step back leaves 980 - 30 at
+    # best with the fine steps and 650 with the coarse one again: the greedy's plan stays
+    coarse, fine = _Steps([16, 8], 300, 5.0, i=1), _Steps([5, 4, 3, 2, 1], 10, 0.0, i=2)
+    assert _refined([coarse, fine], taken=[1, 1, 0]) == (680, [1, 2])
 
 
 def test_refine_leaves_a_plan_within_the_slack():

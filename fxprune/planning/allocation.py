@@ -243,11 +243,21 @@ def refine(measure, candidates, heap, taken: list[int], target: float, slack: fl
     """Bring the greedy's plan (``taken``: its steps in order, ``heap``: the next ones) into
     ``[target - slack, target]`` measured by ``measure()``, where the steps allow: while below
     give back the latest steps; while above ``target`` take the next steps by priority,
-    passing over any that would land below ``target - slack`` (a coarse one); if none fits,
-    take the passed-over step that lands closest below the target. A plan within ``slack``
-    of the target is left as it is.
+    passing over any that would land below ``target - slack`` (a coarse one), then try each
+    passed-over step. A plan within ``slack`` of the target is left as it is; otherwise the
+    plan kept is the best one measured (at or below the target and closest to it, the
+    greedy's own included), so refining never makes a plan worse.
     """
-    macs = measure()
+    best: list = []
+
+    def measured() -> float:
+        macs = measure()
+        key = (macs <= target, macs if macs <= target else -macs)
+        if not best or key > best[0]:
+            best[:] = [key, [c.i for c in candidates]]
+        return macs
+
+    macs = measured()
     if abs(macs - target) <= slack:
         return
     floor = target - slack
@@ -256,14 +266,14 @@ def refine(measure, candidates, heap, taken: list[int], target: float, slack: fl
         seq = taken.pop()
         candidates[seq].i -= 1
         passed.add(seq)
-        macs = measure()
+        macs = measured()
     while macs > target and heap:
         *_, seq = heapq.heappop(heap)
         c = candidates[seq]
         if seq in passed or c.i + 1 >= len(c.steps):
             continue
         c.i += 1
-        after = measure()
+        after = measured()
         if after < floor:
             c.i -= 1
             passed.add(seq)
@@ -273,18 +283,14 @@ def refine(measure, candidates, heap, taken: list[int], target: float, slack: fl
         if c.i + 1 < len(c.steps):
             heapq.heappush(heap, c.heap_entry(seq))
     if macs > target:
-        best = None
         for seq in sorted(passed):
             c = candidates[seq]
-            if c.i + 1 >= len(c.steps):
-                continue
-            c.i += 1
-            after = measure()
-            c.i -= 1
-            if after <= target and (best is None or after > best[0]):
-                best = (after, seq)
-        if best is not None:
-            candidates[best[1]].i += 1
+            if c.i + 1 < len(c.steps):
+                c.i += 1
+                measured()
+                c.i -= 1
+    for c, i in zip(candidates, best[1]):
+        c.i = i
 
 
 def keep_masks(analysis, scores: dict[int, np.ndarray],
