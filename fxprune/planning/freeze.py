@@ -198,7 +198,9 @@ def unsliceable(gm: torch.fx.GraphModule, analysis, masks: dict[int, np.ndarray]
     groups that slices exactly keeps doing so without some of its groups (a subset of an
     exact set is exact), the same groups and reasons come out of a cheaper search, tried
     first: the bisection with slicing only (no run), then one full trial of the groups left.
-    Only when that trial fails does the full search run (sharing the trials already made)."""
+    Only when that trial fails does the full search run (sharing the trials already made).
+    The slicing-only search (:func:`find_failing`) needs fewer slices than a plain bisection where
+    many groups fail alike."""
     frozen: dict[int, str] = {}
     for gi in masks:
         why = shape_failure(analysis, {gi: masks[gi]})
@@ -207,10 +209,11 @@ def unsliceable(gm: torch.fx.GraphModule, analysis, masks: dict[int, np.ndarray]
     candidates = [gi for gi in masks if gi not in frozen]
     trials = Trials(gm, masks, example_inputs)
     quick: dict[int, str] = {}
-    _bisect(trials.sliced, candidates, quick)
+    find_failing(trials.sliced, candidates, [str(analysis.groups[gi].kind) for gi in candidates],
+            quick)
     rest = [gi for gi in candidates if gi not in quick]
     if not rest or trials.full(rest) is None:
-        return {**frozen, **quick}
+        return {**frozen, **{gi: quick[gi] for gi in candidates if gi in quick}}
     _bisect(trials.full, candidates, frozen)
     # groups that slice alone yet fail together: add them one by one
     rest = [gi for gi in candidates if gi not in frozen]
@@ -223,6 +226,53 @@ def unsliceable(gm: torch.fx.GraphModule, analysis, masks: dict[int, np.ndarray]
             else:
                 frozen[gi] = f"{why} (together with other groups)"
     return frozen
+
+
+def find_failing(failure, groups: list[int], kinds: list[str], frozen: dict[int, str]) -> None:
+    """Put into ``frozen`` the groups that fail alone (``failure([group])`` is a reason, not
+    None), for a ``failure`` under which a set fails when one of its groups does: all groups
+    at once, then kind by kind (every block's q/k groups tend to fail alike), then halving a
+    failing set, or trying its groups one by one once both halves fail (failures are dense
+    there: halving would cost more).
+
+    Example:
+        >>> tried = []
+        >>> def failure(groups):
+        ...     tried.append(groups)
+        ...     bad = [g for g in groups if g % 3 == 1]   # every block's q/k
+        ...     return f"group {bad[0]}" if bad else None
+        >>> ids = list(range(1, 13)); frozen = {}
+        >>> find_failing(failure, ids, ["qk", "v", "mlp"] * 4, frozen)
+        >>> frozen, len(tried)
+        ({1: 'group 1', 4: 'group 4', 7: 'group 7', 10: 'group 10'}, 10)
+    """
+    if not groups or failure(groups) is None:
+        return
+    by_kind: dict[str, list[int]] = {}
+    for gi, kind in zip(groups, kinds):
+        by_kind.setdefault(kind, []).append(gi)
+    for same in by_kind.values():
+        why = failure(same)  # tried already where there is one kind only
+        if why is not None:
+            _split(failure, same, why, frozen)
+
+
+def _split(failure, groups: list[int], why: str, frozen: dict[int, str]) -> None:
+    if len(groups) == 1:
+        frozen[groups[0]] = why
+        return
+    half = len(groups) // 2
+    halves = [groups[:half], groups[half:]]
+    whys = [failure(h) for h in halves]
+    if len(groups) > 3 and all(w is not None for w in whys):
+        for gi in groups:
+            alone = failure([gi])
+            if alone is not None:
+                frozen[gi] = alone
+        return
+    for h, w in zip(halves, whys):
+        if w is not None:
+            _split(failure, h, w, frozen)
 
 
 def _bisect(failure, groups: list[int], frozen: dict[int, str]) -> None:
