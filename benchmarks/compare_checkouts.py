@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prune-only", action="store_true",
                         help="time fxprune.prune alone (no separate trace and analyze)")
+    parser.add_argument("--out", type=Path, help="also write the runs and medians as JSON")
     args = parser.parse_args()
     results: dict[Path, list[dict]] = {c: [] for c in args.checkouts}
     for r in range(args.rounds):
@@ -62,10 +63,21 @@ def main() -> None:
             res = run(c.resolve(), args.model, args.repeats, args.prune_only)
             results[c].append(res)
             print(json.dumps({"round": r, "checkout": str(c), **res}), flush=True)
+    summary = []
     for c, rows in results.items():
         runs = [t for row in rows for t in row["runs"]]
-        print(f"{c}: median wall {statistics.median(runs):.3f} s over {len(runs)} runs, "
-              f"median process CPU {statistics.median(row['cpu'] for row in rows):.3f} s")
+        wall, cpu = statistics.median(runs), statistics.median(row["cpu"] for row in rows)
+        print(f"{c}: median wall {wall:.3f} s over {len(runs)} runs, "
+              f"median process CPU {cpu:.3f} s")
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=c,
+                                capture_output=True, text=True).stdout.strip()
+        summary.append({"checkout": str(c), "commit": commit, "median_wall_s": round(wall, 3),
+                        "median_cpu_s": round(cpu, 3), "rounds": rows})
+    if args.out:
+        timed = "fxprune.prune" if args.prune_only else "trace+analyze+prune"
+        args.out.write_text(json.dumps({"model": args.model, "timed": timed,
+                                        "repeats": args.repeats, "checkouts": summary},
+                                       indent=1) + "\n")
 
 
 if __name__ == "__main__":
