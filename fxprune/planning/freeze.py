@@ -81,8 +81,9 @@ class Trials:
     :meth:`sliced` only slices (the slice pass builds the smaller graph and propagates its
     shapes: cheap, and where shapes no longer fit it fails here already); :meth:`full` also
     runs the sliced copy and the gated model on the example inputs and compares them (two
-    forward passes). The copies share ``gm``'s parameters: slicing replaces tensors, it never
-    writes into them.
+    forward passes). The copies share ``gm``'s parameters (slicing replaces tensors, it never
+    writes into them) but not its buffers, which a forward pass may update in place (batch
+    norm statistics in training mode).
 
     Example:
         >>> import torch, fxprune
@@ -101,18 +102,22 @@ class Trials:
         self._sliced: dict[frozenset, str | None] = {}
         self._full: dict[frozenset, str | None] = {}
         self._last: tuple[frozenset, torch.fx.GraphModule] | None = None
+        self._params = {id(t): t for _, t in gm.named_parameters(remove_duplicate=False)}
+
+    def _copy(self) -> torch.fx.GraphModule:
+        from fxprune.passbase import copy_graph_module
+
+        return copy_graph_module(self.gm, memo=dict(self._params))
 
     def sliced(self, groups: list[int]) -> str | None:
         """Why slicing ``groups`` fails, or None where the sliced graph builds."""
-        from fxprune.passbase import copy_graph_module
         from fxprune.passes.slice import Slice
 
         key = frozenset(groups)
         if key not in self._sliced:
             self._last = None
             try:
-                out = Slice(keep=self._keep(groups), inplace=True)(
-                    copy_graph_module(self.gm, share_tensors=True)).graph_module
+                out = Slice(keep=self._keep(groups), inplace=True)(self._copy()).graph_module
                 self._last = (key, out)
                 self._sliced[key] = None
             except FxPruneError as exc:
@@ -140,12 +145,10 @@ class Trials:
         return {gi: self.masks[gi] for gi in groups}
 
     def _compare(self, sliced: torch.fx.GraphModule, groups: list[int]) -> str | None:
-        from fxprune.passbase import copy_graph_module
         from fxprune.passes.insert_gates import InsertGates, gate_modules
 
         try:
-            gated = InsertGates(groups=tuple(groups), inplace=True)(
-                copy_graph_module(self.gm, share_tensors=True)).graph_module
+            gated = InsertGates(groups=tuple(groups), inplace=True)(self._copy()).graph_module
             for group, gate in gate_modules(gated).items():
                 gate.set_mask(torch.as_tensor(self.masks[group]))
             with torch.no_grad():

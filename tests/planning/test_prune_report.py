@@ -211,3 +211,19 @@ def test_groups_that_fail_at_slicing_are_found_without_running_the_model():
         hook.remove()
     assert frozen == {i: why for i, why in alone.items() if why is not None}
     assert len(runs) == 2
+
+
+def test_trial_slices_leave_the_models_buffers_alone():
+    """The trials run copies that share the model's parameters, not its buffers: a batch norm
+    in training mode updates its statistics in place on every run."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 8),
+                          nn.GELU(), nn.Linear(8, 4)).train()
+    x = torch.randn(6, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = fxprune.trace(model, x)
+    a = fxprune.analyze(gm)
+    ids = [g.index for g in a.groups if g.prunable]
+    assert ids and freeze_unsliceable(gm, a, ids, (x,)) == {}
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
