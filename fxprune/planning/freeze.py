@@ -200,10 +200,9 @@ def unsliceable(gm: torch.fx.GraphModule, analysis, masks: dict[int, np.ndarray]
     left are tried together and, if they fail together, added one by one. Where every set of
     groups that slices exactly keeps doing so without some of its groups (a subset of an
     exact set is exact), the same groups and reasons come out of a cheaper search, tried
-    first: the bisection with slicing only (no run), then one full trial of the groups left.
-    Only when that trial fails does the full search run (sharing the trials already made).
-    The slicing-only search (:func:`find_failing`) needs fewer slices than a plain bisection where
-    many groups fail alike."""
+    first: :func:`find_failing` with slicing only (no run), then one full trial of the
+    groups left. Only when that trial fails does the full search run (sharing the trials
+    already made)."""
     frozen: dict[int, str] = {}
     for gi in masks:
         why = shape_failure(analysis, {gi: masks[gi]})
@@ -212,8 +211,8 @@ def unsliceable(gm: torch.fx.GraphModule, analysis, masks: dict[int, np.ndarray]
     candidates = [gi for gi in masks if gi not in frozen]
     trials = Trials(gm, masks, example_inputs)
     quick: dict[int, str] = {}
-    find_failing(trials.sliced, candidates, [str(analysis.groups[gi].kind) for gi in candidates],
-            quick)
+    kinds = [str(analysis.groups[gi].kind) for gi in candidates]
+    find_failing(trials.sliced, candidates, kinds, quick)
     rest = [gi for gi in candidates if gi not in quick]
     if not rest or trials.full(rest) is None:
         return {**frozen, **{gi: quick[gi] for gi in candidates if gi in quick}}
@@ -261,6 +260,7 @@ def find_failing(failure, groups: list[int], kinds: list[str], frozen: dict[int,
 
 
 def _split(failure, groups: list[int], why: str, frozen: dict[int, str]) -> None:
+    """:func:`find_failing` below a failing set ``groups`` (``why``: its failure)."""
     if len(groups) == 1:
         frozen[groups[0]] = why
         return
