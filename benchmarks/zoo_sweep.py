@@ -354,6 +354,9 @@ def run_one(spec: dict) -> dict:
 
     def check(stage):
         nonlocal state
+        # seconds from the start of the trace to the end of each stage: where a slow family
+        # spends its time
+        res.setdefault("stage_s", {})[stage] = round(time.perf_counter() - t1, 2)
         now = fingerprint(model)
         if now != state:
             res["unchanged"] = False
@@ -392,6 +395,7 @@ def run_one(spec: dict) -> dict:
             with torch.no_grad():
                 ref = _first_tensor(fxprune.zeroed_copy(model, plan)(x))
                 out = _first_tensor(pruned(x))
+            res["stage_s"]["exactness"] = round(time.perf_counter() - t1, 2)
             err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
             res["rel_err"] = err
             res["exact"] = err < EXACT_REL

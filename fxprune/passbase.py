@@ -135,11 +135,24 @@ def require_meta(pass_name: str, gm: torch.fx.GraphModule, key: str, producer: s
     return value
 
 
-def copy_graph_module(gm: torch.fx.GraphModule, memo: dict | None = None
-                      ) -> torch.fx.GraphModule:
+def copy_graph_module(gm: torch.fx.GraphModule, memo: dict | None = None,
+                      share_tensors: bool = False) -> torch.fx.GraphModule:
     """Deep copy of a GraphModule including its node.meta and gm.meta (passes work on copies).
-    ``memo`` is :func:`copy.deepcopy`'s: objects it maps are shared instead of copied."""
+    ``memo`` is :func:`copy.deepcopy`'s: objects it maps are shared instead of copied. With
+    ``share_tensors`` the copy's parameters and buffers are ``gm``'s own tensors (for a pass
+    that replaces tensors, as slicing does, rather than writing into them).
+
+    Example:
+        >>> gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
+        >>> copy_graph_module(gm, share_tensors=True).weight is gm.weight
+        True
+    """
     import copy
+
+    if share_tensors:
+        memo = dict(memo or {})
+        memo.update((id(t), t) for _, t in gm.named_parameters(remove_duplicate=False))
+        memo.update((id(t), t) for _, t in gm.named_buffers(remove_duplicate=False))
 
     # the analysis holds nodes of this graph: deep-copying it would walk the whole node list
     # recursively. Passes look nodes up by name, so the copy shares the (read-only) analysis.

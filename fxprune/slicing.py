@@ -137,6 +137,8 @@ def param_masks(analysis, lab_keep: np.ndarray) -> dict[str, np.ndarray]:
     """Keep mask per parameter/buffer name for every one that loses entries."""
     out = {}
     for name, comps in analysis.param_comps.items():
+        if all(lab_keep[c.lab].all() for c in comps):  # nothing of it is dropped: no mask
+            continue
         shape = analysis.param_shapes[name]
         mask = np.ones(shape, dtype=bool)
         for c in comps:

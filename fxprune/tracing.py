@@ -161,22 +161,94 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Te
         return
     except Exception:  # noqa: BLE001 - some ops need values; fake tensors handle more
         pass
+    fake = None
     try:
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        _FakeShapeProp(gm, mode).propagate(*example_inputs)
+        fake = _FakeShapeProp(gm, FakeTensorMode(allow_non_fake_inputs=True))
+        fake.propagate(*example_inputs)
         gm.meta[SHAPE_PROP_KEY] = "fake"
         return
     except Exception as fake_exc:  # noqa: BLE001 - retried with real tensors below
         fake_error = fake_exc
+    replayed = _replay_failure(fake, fake_error) if fake is not None else None
+    if replayed is not None:
+        raise _run_failure(example_inputs, where, fake.current, replayed) from replayed
     _RealShapeProp(gm).run_checked(example_inputs, where, fake_error)
     gm.meta[SHAPE_PROP_KEY] = "real"
+
+
+def _run_failure(example_inputs, where: str, node, exc: Exception) -> InputError:
+    """The error of a real run of the graph on ``example_inputs`` that failed at ``node``."""
+    shapes = ", ".join(str(tuple(t.shape)) for t in example_inputs
+                       if isinstance(t, torch.Tensor))
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return InputError(where, f"running the model on example inputs of shape {shapes} "
+                      f"failed: {type(exc).__name__}: {first}",
+                      node=node, hint="check the example inputs' shape and dtype against "
+                      "what the model expects (e.g. (1, 3, 224, 224) for an ImageNet ViT)")
+
+
+def _replay_failure(fake: _FakeShapeProp, fake_error: Exception) -> Exception | None:
+    """The exception a real run raises at the node where fake propagation failed, found by
+    running that one node on real tensors of its inputs' fake shapes, or None.
+
+    A real run of a large graph that fails late (a sliced graph whose shapes no longer fit)
+    costs a whole forward pass just to learn the error. Where the failing node raises on real
+    inputs filled with zeros and again with ones, with the same error both times, the failure
+    does not depend on values: the real run would stop there with that error. Anything else
+    (fake tensors' own limits, a node that runs, value-dependent errors) returns None and the
+    caller runs the graph for real."""
+    from torch._subclasses.fake_tensor import (
+        DataDependentOutputException,
+        DynamicOutputShapeException,
+        UnsupportedFakeTensorException,
+        UnsupportedOperatorException,
+    )
+
+    node = fake.current
+    if node is None or node.op not in ("call_function", "call_method", "call_module") or \
+            isinstance(fake_error, (DataDependentOutputException, DynamicOutputShapeException,
+                                    UnsupportedFakeTensorException,
+                                    UnsupportedOperatorException, NotImplementedError)):
+        return None
+    seen = []
+    for fill in (0, 1):
+        try:
+            real = torch.fx.Interpreter(fake.module, garbage_collect_values=False)
+            for arg in node.all_input_nodes:
+                real.env[arg] = real.fetch_attr(arg.target) if arg.op == "get_attr" else \
+                    torch.utils._pytree.tree_map(lambda v, f=fill: _filled_like(v, f),
+                                                 fake.env[arg])
+        except Exception:  # noqa: BLE001 - inputs that cannot be rebuilt: run for real
+            return None
+        try:
+            with torch.no_grad():
+                real.run_node(node)
+        except Exception as exc:  # noqa: BLE001 - the failure being replayed
+            if not str(exc):
+                return None
+            seen.append(exc)
+        else:
+            return None
+    same = len({(type(e), str(e).splitlines()[0]) for e in seen}) == 1
+    return seen[0] if same else None
+
+
+def _filled_like(value, fill: int):
+    if not isinstance(value, torch.Tensor):
+        return value
+    out = torch.empty_strided(tuple(value.shape), value.stride(), dtype=value.dtype,
+                              device=value.device)
+    return out.fill_(fill)
 
 
 class _FakeShapeProp(FakeTensorProp):
     """FakeTensorProp records values that are tensors (or sizes) only; a node yielding a
     dtype, a device or None gets its value too, so every node used later has one."""
 
+    current: torch.fx.Node | None = None
+
     def run_node(self, n: torch.fx.Node) -> Any:
+        self.current = n
         out = super().run_node(n)
         if "val" not in n.meta:
             n.meta["val"] = out
@@ -303,15 +375,7 @@ class _RealShapeProp(torch.fx.Interpreter):
             with torch.no_grad():
                 self.run(*example_inputs)
         except Exception as exc:
-            node = self.current
-            shapes = ", ".join(str(tuple(t.shape)) for t in example_inputs
-                               if isinstance(t, torch.Tensor))
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            raise InputError(where, f"running the model on example inputs of shape {shapes} "
-                             f"failed: {type(exc).__name__}: {first}",
-                             node=node, hint="check the example inputs' shape and dtype against "
-                             "what the model expects (e.g. (1, 3, 224, 224) for an ImageNet ViT)"
-                             ) from exc
+            raise _run_failure(example_inputs, where, self.current, exc) from exc
 
 
 def trace(model: Any, example_inputs: Any) -> torch.fx.GraphModule:

@@ -72,23 +72,102 @@ def slice_failure(gm: torch.fx.GraphModule, masks: dict[int, np.ndarray],
                   example_inputs: tuple) -> str | None:
     """Why slicing ``gm`` with ``masks`` is not exact, or None when it is: the sliced copy
     must build, run and give the gated model's outputs on ``example_inputs``."""
-    from fxprune.passes.insert_gates import InsertGates, gate_modules
-    from fxprune.passes.slice import Slice
+    return Trials(gm, masks, example_inputs).full(list(masks))
 
-    try:
-        sliced = Slice(keep=masks)(gm).graph_module
-        gated = InsertGates(groups=tuple(masks))(gm).graph_module
-        for group, gate in gate_modules(gated).items():
-            gate.set_mask(torch.as_tensor(masks[group]))
-        with torch.no_grad():
-            got = [t for t in pytree.tree_leaves(sliced(*example_inputs))
-                   if isinstance(t, torch.Tensor)]
-            want = [t for t in pytree.tree_leaves(gated(*example_inputs))
-                    if isinstance(t, torch.Tensor)]
-    except FxPruneError as exc:
-        return f"slicing it fails: {str(exc).splitlines()[0]}"
-    except Exception as exc:  # noqa: BLE001 - any failure of the trial means "cannot slice"
-        return f"slicing it fails: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+
+class Trials:
+    """Trial slices of ``gm`` with subsets of ``masks``, each set of groups tried once.
+
+    :meth:`sliced` only slices (the slice pass builds the smaller graph and propagates its
+    shapes: cheap, and where shapes no longer fit it fails here already); :meth:`full` also
+    runs the sliced copy and the gated model on the example inputs and compares them (two
+    forward passes). The copies share ``gm``'s parameters (slicing replaces tensors, it never
+    writes into them) but not its buffers, which a forward pass may update in place (batch
+    norm statistics in training mode).
+
+    Example:
+        >>> import torch, fxprune
+        >>> from fxprune.models.reference import tiny_vit
+        >>> x = torch.randn(1, 3, 32, 32)
+        >>> gm = fxprune.prepare(fxprune.trace(tiny_vit().eval(), x))[0]
+        >>> a = fxprune.analyze(gm); ids = [g.index for g in a.groups if g.prunable]
+        >>> trials = Trials(gm, trial_masks(a, ids), (x,))
+        >>> trials.sliced(ids), trials.full(ids)
+        (None, None)
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, masks: dict[int, np.ndarray],
+                 example_inputs: tuple):
+        self.gm, self.masks, self.example_inputs = gm, masks, example_inputs
+        self._sliced: dict[frozenset, str | None] = {}
+        self._full: dict[frozenset, str | None] = {}
+        self._last: tuple[frozenset, torch.fx.GraphModule] | None = None
+        self._params = {id(t): t for _, t in gm.named_parameters(remove_duplicate=False)}
+
+    def _copy(self) -> torch.fx.GraphModule:
+        from fxprune.passbase import copy_graph_module
+
+        return copy_graph_module(self.gm, memo=dict(self._params))
+
+    def sliced(self, groups: list[int]) -> str | None:
+        """Why slicing ``groups`` fails, or None where the sliced graph builds."""
+        from fxprune.passes.slice import Slice
+
+        key = frozenset(groups)
+        if key not in self._sliced:
+            self._last = None
+            try:
+                out = Slice(keep=self._keep(groups), inplace=True)(self._copy()).graph_module
+                self._last = (key, out)
+                self._sliced[key] = None
+            except FxPruneError as exc:
+                self._sliced[key] = f"slicing it fails: {str(exc).splitlines()[0]}"
+            except Exception as exc:  # noqa: BLE001 - any failure of the trial: cannot slice
+                self._sliced[key] = _failure(exc)
+        return self._sliced[key]
+
+    def full(self, groups: list[int]) -> str | None:
+        """Why slicing ``groups`` is not exact, or None where the sliced copy computes what
+        the gated model computes."""
+        key = frozenset(groups)
+        if key not in self._full:
+            why = self.sliced(groups)
+            if why is None:
+                if self._last is None or self._last[0] != key:
+                    self._sliced.pop(key)
+                    self.sliced(groups)
+                why = self._compare(self._last[1], groups)
+            self._last = None  # the sliced copy is not needed again
+            self._full[key] = why
+        return self._full[key]
+
+    def _keep(self, groups: list[int]) -> dict[int, np.ndarray]:
+        return {gi: self.masks[gi] for gi in groups}
+
+    def _compare(self, sliced: torch.fx.GraphModule, groups: list[int]) -> str | None:
+        from fxprune.passes.insert_gates import InsertGates, gate_modules
+
+        try:
+            gated = InsertGates(groups=tuple(groups), inplace=True)(self._copy()).graph_module
+            for group, gate in gate_modules(gated).items():
+                gate.set_mask(torch.as_tensor(self.masks[group]))
+            with torch.no_grad():
+                got = [t for t in pytree.tree_leaves(sliced(*self.example_inputs))
+                       if isinstance(t, torch.Tensor)]
+                want = [t for t in pytree.tree_leaves(gated(*self.example_inputs))
+                        if isinstance(t, torch.Tensor)]
+        except FxPruneError as exc:
+            return f"slicing it fails: {str(exc).splitlines()[0]}"
+        except Exception as exc:  # noqa: BLE001 - any failure of the trial: cannot slice
+            return _failure(exc)
+        return _mismatch(got, want)
+
+
+def _failure(exc: Exception) -> str:
+    return f"slicing it fails: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+
+
+def _mismatch(got: list[torch.Tensor], want: list[torch.Tensor]) -> str | None:
     if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(got, want)):
         return "the sliced graph returns outputs of other shapes than the gated one"
     for a, b in zip(got, want):
@@ -115,20 +194,35 @@ def freeze_unsliceable(gm: torch.fx.GraphModule, analysis, groups: list[int],
 def unsliceable(gm: torch.fx.GraphModule, analysis, masks: dict[int, np.ndarray],
                 example_inputs: tuple) -> dict[int, str]:
     """``{group: reason}`` for the groups of ``masks`` that cannot be sliced exactly with
-    their mask: a cheap shape check first, then trial slices, bisected on failure."""
+    their mask: a cheap shape check first, then trial slices, bisected on failure.
+
+    The search is a bisection with full trials (each runs the model twice), then the groups
+    left are tried together and, if they fail together, added one by one. Where every set of
+    groups that slices exactly keeps doing so without some of its groups (a subset of an
+    exact set is exact), the same groups and reasons come out of a cheaper search, tried
+    first: :func:`find_failing` with slicing only (no run), then one full trial of the
+    groups left. Only when that trial fails does the full search run (sharing the trials
+    already made)."""
     frozen: dict[int, str] = {}
     for gi in masks:
         why = shape_failure(analysis, {gi: masks[gi]})
         if why is not None:
             frozen[gi] = why
     candidates = [gi for gi in masks if gi not in frozen]
-    _bisect(gm, masks, candidates, example_inputs, frozen)
+    trials = Trials(gm, masks, example_inputs)
+    quick: dict[int, str] = {}
+    kinds = [str(analysis.groups[gi].kind) for gi in candidates]
+    find_failing(trials.sliced, candidates, kinds, quick)
+    rest = [gi for gi in candidates if gi not in quick]
+    if not rest or trials.full(rest) is None:
+        return {**frozen, **{gi: quick[gi] for gi in candidates if gi in quick}}
+    _bisect(trials.full, candidates, frozen)
     # groups that slice alone yet fail together: add them one by one
     rest = [gi for gi in candidates if gi not in frozen]
-    if rest and slice_failure(gm, {gi: masks[gi] for gi in rest}, example_inputs):
+    if rest and trials.full(rest):
         accepted: list[int] = []
         for gi in rest:
-            why = slice_failure(gm, {g: masks[g] for g in accepted + [gi]}, example_inputs)
+            why = trials.full(accepted + [gi])
             if why is None:
                 accepted.append(gi)
             else:
@@ -136,18 +230,68 @@ def unsliceable(gm: torch.fx.GraphModule, analysis, masks: dict[int, np.ndarray]
     return frozen
 
 
-def _bisect(gm, masks, groups: list[int], example_inputs, frozen: dict[int, str]) -> None:
+def find_failing(failure, groups: list[int], kinds: list[str], frozen: dict[int, str]) -> None:
+    """Put into ``frozen`` the groups that fail alone (``failure([group])`` is a reason, not
+    None), for a ``failure`` under which a set fails when one of its groups does: all groups
+    at once, then kind by kind (every block's q/k groups tend to fail alike), then halving a
+    failing set, or trying its groups one by one once both halves fail (failures are dense
+    there: halving would cost more).
+
+    Example:
+        >>> tried = []
+        >>> def failure(groups):
+        ...     tried.append(groups)
+        ...     bad = [g for g in groups if g % 3 == 1]   # every block's q/k
+        ...     return f"group {bad[0]}" if bad else None
+        >>> ids = list(range(1, 13)); frozen = {}
+        >>> find_failing(failure, ids, ["qk", "v", "mlp"] * 4, frozen)
+        >>> frozen, len(tried)
+        ({1: 'group 1', 4: 'group 4', 7: 'group 7', 10: 'group 10'}, 10)
+    """
+    if not groups or failure(groups) is None:
+        return
+    by_kind: dict[str, list[int]] = {}
+    for gi, kind in zip(groups, kinds):
+        by_kind.setdefault(kind, []).append(gi)
+    for same in by_kind.values():
+        why = failure(same)  # tried already where there is one kind only
+        if why is not None:
+            _split(failure, same, why, frozen)
+
+
+def _split(failure, groups: list[int], why: str, frozen: dict[int, str]) -> None:
+    """:func:`find_failing` below a failing set ``groups`` (``why``: its failure)."""
+    if len(groups) == 1:
+        frozen[groups[0]] = why
+        return
+    half = len(groups) // 2
+    halves = [groups[:half], groups[half:]]
+    whys = [failure(h) for h in halves]
+    if len(groups) > 3 and all(w is not None for w in whys):
+        for gi in groups:
+            alone = failure([gi])
+            if alone is not None:
+                frozen[gi] = alone
+        return
+    for h, w in zip(halves, whys):
+        if w is not None:
+            _split(failure, h, w, frozen)
+
+
+def _bisect(failure, groups: list[int], frozen: dict[int, str]) -> None:
+    """Freeze (into ``frozen``) the groups whose set ``failure(groups)`` fails alone, halving
+    the failing sets."""
     if not groups:
         return
-    why = slice_failure(gm, {gi: masks[gi] for gi in groups}, example_inputs)
+    why = failure(groups)
     if why is None:
         return
     if len(groups) == 1:
         frozen[groups[0]] = why
         return
     half = len(groups) // 2
-    _bisect(gm, masks, groups[:half], example_inputs, frozen)
-    _bisect(gm, masks, groups[half:], example_inputs, frozen)
+    _bisect(failure, groups[:half], frozen)
+    _bisect(failure, groups[half:], frozen)
 
 
 def as_inputs(example_inputs) -> tuple:

@@ -281,11 +281,7 @@ def _own_copy(gm, share_params: bool = False):
     ``share_params`` the parameters and buffers stay shared (see :func:`_own_tensors`)."""
     from fxprune.passbase import copy_graph_module
 
-    if not share_params:
-        return copy_graph_module(gm)
-    memo = {id(t): t for _, t in gm.named_parameters(remove_duplicate=False)}
-    memo.update((id(t), t) for _, t in gm.named_buffers(remove_duplicate=False))
-    return copy_graph_module(gm, memo=memo)
+    return copy_graph_module(gm, share_tensors=share_params)
 
 
 def _storages(gm) -> set[int]:

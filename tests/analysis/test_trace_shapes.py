@@ -1,6 +1,8 @@
 """Shapes on every node whatever the propagation path, and exported graphs' ``aten.index``
 with a list of indices (relative position bias tables gathered by a buffer)."""
 
+import operator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -189,3 +191,77 @@ def test_exported_depthwise_conv_groups_follow_the_kept_channels():
     assert len(kept) == 1 and 8 <= kept[0] < 64 and kept[0] % 8 == 0
     reference = outputs(zeroed_original(model, pruned.meta["fxprune.plan"]), x)
     assert rel_err(outputs(pruned, x), reference) < 1e-5
+
+
+class LateMismatch(nn.Module):
+    """A per-channel table applied after the last layer: once that layer's width is wrong (as
+    a wrong slice leaves it), the graph fails at its last node, after a first layer whose
+    real runs are counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 16)
+        self.register_buffer("table", torch.linspace(0.5, 1.5, 16))
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x)) * self.table
+
+
+def _real_calls(module):
+    calls = []
+    module.register_forward_pre_hook(lambda m, args: calls.append(args[0]) if type(
+        args[0]) is torch.Tensor and args[0].device.type == "cpu" else None)
+    return calls
+
+
+def test_a_graph_whose_shapes_do_not_fit_fails_at_its_node_without_a_real_run():
+    from fxprune.errors import InputError
+    from fxprune.tracing import propagate_shapes
+
+    x = torch.randn(2, 8)
+    gm = fxprune.trace(LateMismatch().eval(), x)
+    # what slicing leaves behind when it gets a width wrong: fc2 now returns 12 channels
+    gm.fc2 = nn.Linear(8, 12)
+    calls = _real_calls(gm.fc1)
+    with pytest.raises(RuntimeError) as real:
+        gm(x)
+    assert len(calls) == 1
+    calls.clear()
+    with pytest.raises(InputError) as replayed:
+        propagate_shapes(gm, [x])
+    assert calls == []   # found by running the failing node alone, not the whole graph
+    first = str(real.value).splitlines()[0]
+    assert (f"running the model on example inputs of shape (2, 8) failed: RuntimeError: "
+            f"{first}") in str(replayed.value)
+    assert replayed.value.node is not None and replayed.value.node.target is operator.mul
+
+
+def numpy_double(x):
+    return torch.from_numpy(x.numpy() * 2.0)
+
+
+torch.fx.wrap("numpy_double")
+
+
+class NumpyRoundTrip(nn.Module):
+    """A call neither meta nor fake tensors can run (it goes through numpy) but real tensors
+    can: the failing node runs alone without error, so the graph is run for real."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc2(numpy_double(self.fc1(x)))
+
+
+def test_a_node_that_only_fake_tensors_cannot_run_is_still_run_for_real():
+    from fxprune.tracing import propagate_shapes
+
+    x = torch.randn(2, 8)
+    gm = torch.fx.symbolic_trace(NumpyRoundTrip().eval())
+    calls = _real_calls(gm.fc1)
+    propagate_shapes(gm, [x])
+    assert gm.meta["fxprune.shape_prop"] == "real" and len(calls) == 1
+    assert [tuple(n.meta["val"].shape) for n in gm.graph.nodes
+            if n.op in ("call_module", "call_function")] == [(2, 8), (2, 8), (2, 4)]

@@ -185,3 +185,45 @@ def test_depthwise_conv_with_a_channel_multiplier_survives_slicing():
     assert (dw.groups, dw.in_channels, dw.out_channels) == (8, 8, 16)
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), _zeroed(model, pruned.meta["fxprune.plan"])(x))
+
+
+def test_groups_that_fail_at_slicing_are_found_without_running_the_model():
+    """tiny_vit's fused qkv is not split first: its q/k and v groups cannot be sliced apart
+    (slicing says so at once). The search finds them by slicing alone; the model runs in one
+    trial only (sliced copy and gated model, once each), for the groups that are left. The
+    result is what trying each group alone gives."""
+    from fxprune.models.reference import tiny_vit
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    gm = fxprune.trace(tiny_vit().eval(), x)
+    a = fxprune.analyze(gm)
+    ids = [g.index for g in a.groups if g.prunable]
+    masks = trial_masks(a, ids)
+    alone = {i: slice_failure(gm, {i: masks[i]}, (x,)) for i in ids}
+    assert 0 < sum(why is not None for why in alone.values()) < len(ids)
+    runs = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda m, args: runs.append(m) if isinstance(m, torch.fx.GraphModule) else None)
+    try:
+        frozen = freeze_unsliceable(gm, a, ids, (x,))
+    finally:
+        hook.remove()
+    assert frozen == {i: why for i, why in alone.items() if why is not None}
+    assert len(runs) == 2
+
+
+def test_trial_slices_leave_the_models_buffers_alone():
+    """The trials run copies that share the model's parameters, not its buffers: a batch norm
+    in training mode updates its statistics in place on every run."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 8),
+                          nn.GELU(), nn.Linear(8, 4)).train()
+    x = torch.randn(6, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = fxprune.trace(model, x)
+    a = fxprune.analyze(gm)
+    ids = [g.index for g in a.groups if g.prunable]
+    assert ids and freeze_unsliceable(gm, a, ids, (x,)) == {}
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
