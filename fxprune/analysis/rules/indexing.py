@@ -301,3 +301,19 @@ def _narrow_rule(p: Propagator, node) -> Any:
 @rule("stack")
 def _stack(p: Propagator, node) -> Any:
     return _cat(p, node, stack=True)
+
+
+def _pool_rule(spatial: int):
+    def pool(p, node) -> Any:
+        x = p.tv(node.args[0]) if node.args else None
+        if x is None:
+            return p.unlabeled_like(node)
+        # the functional pools act on the trailing ``spatial`` dims (batch dim optional)
+        return along_dims(p, node, range(x.ndim - spatial, x.ndim), "pooling")
+    return pool
+
+
+for _k in (1, 2, 3):
+    rule(f"avg_pool{_k}d", f"max_pool{_k}d", f"adaptive_avg_pool{_k}d",
+         f"_adaptive_avg_pool{_k}d", f"adaptive_max_pool{_k}d",
+         f"lp_pool{_k}d")(_pool_rule(_k))
