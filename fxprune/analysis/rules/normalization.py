@@ -67,7 +67,8 @@ def reduce(p: Propagator, node, name) -> Any:
             if not x.soft and set(c.span) <= set(dims) and _zero_safe(name, order):
                 p.sinks.append(Sink(node, 0, c, "reduce"))
                 continue
-            c = tie_across(p, c, set(dims), f"{name} reduces over channels at {node.name}")
+            c = tie_across(p, c, set(dims), f"{name} reduces over channels at {node.name}",
+                           x.comps)
             if c is None or x.soft:
                 continue
         comps.append(c if keepdim else layout.squeeze_comp(
@@ -94,7 +95,7 @@ def softmax_over(p: Propagator, node, x: TV, dim: int) -> TV:
     (then each channel is a whole fibre along ``dim``: :func:`tie_across`)."""
     comps = []
     for c in x.comps:
-        tied = tie_across(p, c, {dim}, f"softmax over channels at {node.name}")
+        tied = tie_across(p, c, {dim}, f"softmax over channels at {node.name}", x.comps)
         comps.append(c if tied is None else tied)
     return TV(comps, x.shape, x.soft)
 
