@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -109,3 +110,19 @@ def test_a_pool_over_the_channels_is_refused():
     assert len(reasons) == 1 and "pooling along channels" in reasons.pop()
     assert all(a.group_of_channel[c] < 0 or not a.groups[a.group_of_channel[c]].prunable
                for c in channels if c < len(a.group_of_channel))
+
+
+@pytest.mark.slow
+def test_timm_efficientvit_mit_prunes_its_convolutions_exactly():
+    """The whole model was refused before (nothing prunable); its LiteMLA attention stays
+    dense (q/k/v pass a grouped convolution, frozen with that reason)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("efficientvit_b1", pretrained=False).eval()
+    x = torch.randn(1, *model.pretrained_cfg["input_size"])
+    with pytest.warns(UserWarning, match="traced it with torch.export"):
+        pruned = fxprune.prune(model, x, macs_ratio=0.7)
+    report = pruned.meta["fxprune.report"]
+    assert report["target_met"] and report["pruned_groups"]
+    plan = pruned.meta["fxprune.plan"]
+    assert rel_err(outputs(pruned, x), outputs(zeroed_original(model, plan), x)) < 1e-4

@@ -115,3 +115,17 @@ def test_windows_cut_along_channels_are_refused():
     # k has no channel labels left, so q cannot be pruned against it either
     q = [g for g in a.groups if any(n.target == "attn.q" for n, _ in g.members)]
     assert q and all(not g.prunable for g in q)
+
+
+@pytest.mark.slow
+def test_timm_halonet_prunes_exactly_to_the_target():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("halonet_h1", pretrained=False).eval()
+    x = torch.randn(1, *model.pretrained_cfg["input_size"])
+    pruned = fxprune.prune(model, x, macs_ratio=0.7)
+    report = pruned.meta["fxprune.report"]
+    assert len(fxprune.analyze(model, x).attention) == 19
+    assert abs(report["reached"] - 0.7) <= 0.02, report["reached"]
+    plan = pruned.meta["fxprune.plan"]
+    assert rel_err(outputs(pruned, x), outputs(zeroed_original(model, plan), x)) < 1e-4

@@ -130,3 +130,17 @@ def test_reduction_over_one_dim_of_a_two_dim_comp_ties_it(reduce):
     assert sliced.get_submodule("fc1").out_features == 8
     assert sliced.get_submodule("fc2").in_features == 2
     assert rel_err(outputs(sliced, x), outputs(gated, x)) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["skresnet18"])
+def test_timm_selective_kernel_prunes_exactly_to_the_target(name):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    x = torch.randn(1, *model.pretrained_cfg["input_size"])
+    pruned = fxprune.prune(model, x, macs_ratio=0.7)
+    report = pruned.meta["fxprune.report"]
+    assert abs(report["reached"] - 0.7) <= 0.02, report["reached"]
+    plan = pruned.meta["fxprune.plan"]
+    assert rel_err(outputs(pruned, x), outputs(zeroed_original(model, plan), x)) < 1e-4
