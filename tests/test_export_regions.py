@@ -126,3 +126,23 @@ def test_timm_efficientvit_mit_prunes_its_convolutions_exactly():
     assert report["target_met"] and report["pruned_groups"]
     plan = pruned.meta["fxprune.plan"]
     assert rel_err(outputs(pruned, x), outputs(zeroed_original(model, plan), x)) < 1e-4
+
+
+def test_planner_prices_a_functional_convs_pruned_inputs():
+    """In an exported graph every conv is ``aten.conv2d`` on a weight ``get_attr``: the MACs
+    saved on the consumer's input side come from the input's shape (the weight node is not a
+    member of the group). Before, the saving was underestimated and the plan overshot the
+    target (efficientvit_b1 stopped at 0.49 for a target of 0.7)."""
+    from fxprune.passes.slice import Slice
+    from fxprune.planning.cost import CostModel
+
+    model, x, ep = _exported()
+    gm = fxprune.trace(ep, x)
+    a = fxprune.analyze(gm)
+    g = next(g for g in a.groups if g.size == 16)
+    keep = np.ones(g.layout.shape, bool)
+    keep[:, :5] = False
+    real = fxprune.count_macs(gm) - fxprune.count_macs(Slice(keep={g.index: keep})(gm)
+                                                       .graph_module)
+    assert real > 0
+    assert CostModel(gm, a).saving([g], g.layout[:, :5].ravel()) == real
