@@ -26,7 +26,7 @@ from fxprune.tracing import trace
 __all__ = [
     "AnalysisError", "FxPruneError", "InputError", "MissingShapesError", "PassOrderError",
     "PlanError", "SliceError", "TraceError", "trace", "prepare", "analyze", "count_macs", "prune",
-    "Plan", "apply_plan", "save", "load",
+    "Plan", "apply_plan", "zeroed_copy", "save", "load",
 ]
 
 
@@ -43,7 +43,7 @@ def __getattr__(name):  # lazy: keep `import fxprune` cheap and free of import c
     if name == "prune":
         from fxprune.planning.oneshot import prune
         return prune
-    if name in ("Plan", "apply_plan"):
+    if name in ("Plan", "apply_plan", "zeroed_copy"):
         from fxprune.planning import plan
         return getattr(plan, name)
     if name in ("save", "load"):

@@ -65,14 +65,30 @@ def _concrete_args(module: torch.nn.Module, n_inputs: int) -> dict[str, Any] | N
 
 
 class _Tracer(torch.fx.Tracer):
-    """torch.fx tracer that keeps torch.nn built-ins as leaves (the analysis knows them) and
-    traces into every other module, so user and timm modules become plain ops."""
+    """torch.fx tracer that keeps torch.nn's single-op built-ins as leaves (the analysis knows
+    them) and traces into every other module, so user and timm modules become plain ops.
 
-    def __init__(self, autowrap_functions: tuple = ()):
+    torch.nn built-ins made of other modules (``TransformerEncoder``, its layers, ...) are
+    traced into too: as leaves their channels would stay opaque. Only ``nn.MultiheadAttention``
+    stays a leaf, for the ``decompose-mha`` pass. Where tracing into them meets control flow,
+    :func:`trace` falls back to ``torch.export``, and where that fails too, to torch.fx with
+    them as leaves (``leaf_containers``: traced, their channels opaque)."""
+
+    def __init__(self, autowrap_functions: tuple = (), leaf_containers: bool = False):
         super().__init__(autowrap_functions=autowrap_functions)
+        self.leaf_containers = leaf_containers
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, torch.nn.MultiheadAttention):
+            return True
+        if not self.leaf_containers and m.__module__.startswith("torch.nn") and \
+                next(m.children(), None) is not None:
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
 
 
-def _symbolic_trace(module: torch.nn.Module, n_inputs: int) -> torch.fx.GraphModule:
+def _symbolic_trace(module: torch.nn.Module, n_inputs: int, leaf_containers: bool = False
+                    ) -> torch.fx.GraphModule:
     concrete = _concrete_args(module, n_inputs)
     attempts: list[tuple[str, tuple]] = [("plain", ())]
     try:  # timm registers helpers that cannot be traced through; use them only as a fallback
@@ -83,7 +99,7 @@ def _symbolic_trace(module: torch.nn.Module, n_inputs: int) -> torch.fx.GraphMod
         pass
     errors = []
     for label, wrapped in attempts:
-        tracer = _Tracer(autowrap_functions=wrapped)
+        tracer = _Tracer(autowrap_functions=wrapped, leaf_containers=leaf_containers)
         try:
             graph = tracer.trace(module, concrete_args=concrete)
         except Exception as exc:  # noqa: BLE001 - re-raised below as a typed error
@@ -397,12 +413,15 @@ def _trace_module(model: torch.nn.Module, inputs: tuple
     except (TraceError, InputError) as exc:
         fx_error = exc
     try:
-        ep = torch.export.export(model, inputs)
+        ep = _export(model, inputs)
         gm = _unlift(ep)
         _finish(gm, inputs, recompile=True)
     except Exception as exc:  # noqa: BLE001 - both front-ends failed: say so, typed
         if isinstance(fx_error, InputError):
             raise fx_error from exc
+        opaque = _containers_as_leaves(model, inputs, was_training)
+        if opaque is not None:
+            return opaque, None
         _run_eagerly(model, inputs)  # an InputError when the inputs do not fit the model
         raise TraceError(WHERE, f"{fx_error.args[0].split(chr(10))[0].removeprefix(f'[{WHERE}] ')}"
                          f"; torch.export failed too: {type(exc).__name__}: "
@@ -414,6 +433,43 @@ def _trace_module(model: torch.nn.Module, inputs: tuple
     warnings.warn(f"[{WHERE}] torch.fx could not trace {type(model).__name__} ({why}); "
                   "traced it with torch.export instead", stacklevel=3)
     return gm, why
+
+
+def _export(model: torch.nn.Module, inputs: tuple):
+    """``torch.export`` with the batch dim dynamic where it can be (so the pruned model takes
+    any batch size, as an fx-traced one does), else with the example's sizes.
+
+    torch.export specialises a dim whose example size is 1, so a batch of 1 is exported from
+    a copy of the inputs repeated to a batch of 2."""
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    if len(tensors) == len(inputs) and tensors and \
+            all(t.ndim >= 1 and t.shape[0] == tensors[0].shape[0] for t in tensors):
+        batch = torch.export.Dim("batch")
+        wider = tuple(torch.cat([t, t]) if t.shape[0] == 1 else t for t in tensors)
+        try:
+            return torch.export.export(model, wider,
+                                       dynamic_shapes=tuple({0: batch} for _ in wider))
+        except Exception:  # noqa: BLE001 - data-dependent batch handling: sizes as traced
+            pass
+    return torch.export.export(model, inputs)
+
+
+def _containers_as_leaves(model, inputs: tuple, was_training: bool):
+    """torch.fx with torch.nn's composite modules as leaves (their channels stay opaque), or
+    None where the model has none or fx fails that way too."""
+    if not any(m.__module__.startswith("torch.nn") and next(m.children(), None) is not None
+               and not isinstance(m, torch.nn.MultiheadAttention) for m in model.modules()):
+        return None
+    try:
+        gm = _symbolic_trace(model, len(inputs), leaf_containers=True)
+        gm.train(was_training)
+        _finish(gm, inputs, recompile=False)
+    except (TraceError, InputError):
+        return None
+    warnings.warn(f"[{WHERE}] {type(model).__name__}: neither torch.fx nor torch.export could "
+                  "trace into its torch.nn composite modules; they stay opaque leaves (their "
+                  "channels dense)", stacklevel=4)
+    return gm
 
 
 def _run_eagerly(model: torch.nn.Module, inputs: tuple) -> None:

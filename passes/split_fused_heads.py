@@ -43,8 +43,8 @@ from fxprune.ops import op_name
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
 from fxprune.tracing import example_zeros, propagate_shapes
 
-VIEW_OPS = {"view", "reshape", "_unsafe_view"}
-CHAIN_OPS = {"permute", "transpose", "contiguous"}
+VIEW_OPS = {"view", "reshape", "_unsafe_view", "unflatten"}
+PERMUTE_OPS = {"permute", "transpose", "contiguous"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +66,35 @@ def _perm_of(node, nd):
     perm = list(range(nd))
     perm[d0], perm[d1] = perm[d1], perm[d0]
     return perm
+
+
+def _chain_step(node, gm, p: int, nd: int):
+    """For an op between the fused view and the part takers, with the part dim at ``p`` of an
+    ``nd``-dim input: ``(build, p after, nd after)``, ``build(graph, x)`` adding the same op
+    for one part (the part dim removed); None where the op is not a view of this kind."""
+    name = op_name(node, gm)
+    if name == "contiguous":  # kept: a view further on may need the part's memory dense
+        return (lambda graph, x: graph.call_method("contiguous", (x,))), p, nd
+    if name in PERMUTE_OPS:
+        perm = _perm_of(node, nd)
+        new_perm = [d - (d > p) for d in perm if d != p]
+        return (lambda graph, x: graph.call_method("permute", (x, *new_perm))), \
+            perm.index(p), nd
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if not isinstance(dim, int):  # squeeze() of every size-1 dim, or a list of dims
+        return None
+    if name == "unsqueeze":
+        d = dim % (nd + 1)
+        q = p + (d <= p)
+        at = d - (d > q)
+        return (lambda graph, x: graph.call_method("unsqueeze", (x, at))), q, nd + 1
+    if name == "squeeze":
+        d = dim % nd
+        if d == p:
+            return None
+        at = d - (d > p)
+        return (lambda graph, x: graph.call_method("squeeze", (x, at))), p - (d < p), nd - 1
+    return None
 
 
 class SplitFusedHeads(FxPass):
@@ -111,44 +140,45 @@ class SplitFusedHeads(FxPass):
         parts = out_shape[part_dim]
         if not 2 <= parts <= self.options.max_parts:
             return "no match"
-        # follow permute/transpose/contiguous to where the parts are taken apart
-        chain, cur, p = [], view, part_dim
+        # follow permute/transpose/contiguous/unsqueeze/squeeze to where the parts are taken
+        chain, cur, p, nd = [], view, part_dim, len(out_shape)
         while True:
             users = list(cur.users)
-            if len(users) != 1:
+            if len(users) != 1 or users[0].args[:1] != (cur,):
                 break
-            user = users[0]
-            name = op_name(user, gm)
-            if name in CHAIN_OPS and user.args[0] is cur:
-                perm = _perm_of(user, len(out_shape))
-                chain.append((user, perm))
-                p = perm.index(p)
-                cur = user
-                continue
-            break
+            step = _chain_step(users[0], gm, p, nd)
+            if step is None:
+                break
+            chain.append(step[0])
+            p, nd, cur = step[1], step[2], users[0]
         takers = self._takers(gm, cur, p, parts)
         if takers is None:
             return "no match"
-        args = list(view.args[1:])
-        if len(args) == 1 and isinstance(args[0], (list, tuple)):
-            args = list(args[0])
-        if len(args) != len(out_shape) or (isinstance(args[part_dim], int) and
-                                           args[part_dim] == -1):
-            return "the part dim is given as -1 or the shape is not spelled per dim"
+        if op_name(view, gm) == "unflatten":
+            rebuild = self._unflatten_without(view, len(in_shape), part_dim)
+            if isinstance(rebuild, str):
+                return rebuild
+        else:
+            args = list(view.args[1:])
+            if len(args) == 1 and isinstance(args[0], (list, tuple)):
+                args = list(args[0])
+            if len(args) != len(out_shape) or (isinstance(args[part_dim], int) and
+                                               args[part_dim] == -1):
+                return "the part dim is given as -1 or the shape is not spelled per dim"
+            new_args = [a for d, a in enumerate(args) if d != part_dim]
+
+            def rebuild(graph, x):
+                return graph.call_method("reshape", (x, *new_args))
         width = in_shape[-1] // parts
-        new_args = [a for d, a in enumerate(args) if d != part_dim]
         for i in range(parts):
             with gm.graph.inserting_before(takers[i] if takers[i].op != "output" else cur):
                 x = gm.graph.call_function(
                     operator.getitem, (src, (Ellipsis, slice(i * width, (i + 1) * width))))
                 new = [x]
-                x = gm.graph.call_method("reshape", (x, *new_args))
+                x = rebuild(gm.graph, x)
                 new.append(x)
-                pd = part_dim
-                for _link, perm in chain:
-                    new_perm = [d - (d > pd) for d in perm if d != pd]
-                    pd = perm.index(pd)
-                    x = gm.graph.call_method("permute", (x, *new_perm))
+                for build in chain:
+                    x = build(gm.graph, x)
                     new.append(x)
             if created is not None:
                 created.extend(new)
@@ -158,6 +188,24 @@ class SplitFusedHeads(FxPass):
             gm.graph.erase_node(t)
         changes.append(f"{view.name}: {parts} parts of {src.name} reshaped separately")
         return None
+
+    @staticmethod
+    def _unflatten_without(view, ndim_in: int, part_dim: int):
+        """For ``unflatten(src, dim, sizes)`` of src's last dim: a function building the same
+        unflatten of one part (``sizes`` without the part entry), or why there is none."""
+        dim = view.args[1] if len(view.args) > 1 else view.kwargs.get("dim")
+        sizes = view.args[2] if len(view.args) > 2 else view.kwargs.get("sizes")
+        if not isinstance(dim, int) or dim % ndim_in != ndim_in - 1 or \
+                not isinstance(sizes, (list, tuple)):
+            return "no match"
+        at = part_dim - (ndim_in - 1)  # the part's position inside ``sizes``
+        if not 0 <= at < len(sizes) or sizes[at] == -1:
+            return "the part dim is given as -1 or the shape is not spelled per dim"
+        rest = tuple(v for i, v in enumerate(sizes) if i != at)
+
+        def rebuild(graph, x):
+            return graph.call_method("unflatten", (x, -1, rest))
+        return rebuild
 
     @staticmethod
     def _takers(gm, cur, p, parts):
@@ -181,7 +229,12 @@ class SplitFusedHeads(FxPass):
             return takers
         got = {}
         for u in users:
-            if op_name(u, gm) != "getitem" or p != 0 or not isinstance(u.args[1], int):
+            name = op_name(u, gm)
+            if name == "select" and len(u.args) == 3 and isinstance(u.args[2], int) and \
+                    isinstance(u.args[1], int) and u.args[1] % len(traced_shape(cur)) == p:
+                got.setdefault(u.args[2], []).append(u)
+                continue
+            if name != "getitem" or p != 0 or not isinstance(u.args[1], int):
                 return None
             got.setdefault(u.args[1], []).append(u)
         if sorted(got) != list(range(parts)) or any(len(v) != 1 for v in got.values()):

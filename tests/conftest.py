@@ -1,4 +1,5 @@
-"""Hypothesis profiles for the property tests (tests/test_properties.py, tests/test_hostile.py).
+"""Hypothesis profiles for the property tests (tests/models/test_properties.py,
+tests/models/test_hostile.py).
 
 - ``ci`` (default): derandomized, so every run checks the same generated models and the suite's
   time stays predictable; each property runs its CI budget (``budget(n)`` = n examples).

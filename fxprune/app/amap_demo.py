@@ -17,8 +17,8 @@ SDPA on its fused kernel: ``benchmarks/bench_amap_speed.py`` measured 1.33x at 0
 MACs, batch 256, one thread, against 1.09x with the masks as searched.)
 
 It saves, under ``out_dir``: ``kept_channels.png`` (kept vs. total channels per layer and head,
-like the paper's Figure 5), ``amap_pruned.pt`` (the pruned GraphModule;
-``torch.load(path, weights_only=False)``) and ``amap_summary.json``.
+like the paper's Figure 5), ``amap_pruned/`` (the pruned GraphModule as written by fxprune.save;
+``fxprune.load(path)``) and ``amap_summary.json``.
 
 Usage::
 
@@ -233,8 +233,10 @@ def _run(out_dir, seed, dense_epochs, epochs, macs_ratio, rounds, verbose) -> di
     png = plot_kept(rows, os.path.join(out_dir, "kept_channels.png"),
                     title=f"AMAP on digits_vit: kept channels at {pruned_macs / dense_macs:.0%} "
                           f"MACs (top-1 {acc_before:.1%} -> {acc_after:.1%})")
-    model_path = os.path.join(out_dir, "amap_pruned.pt")
-    torch.save(pruned, model_path)
+    model_path = os.path.join(out_dir, "amap_pruned")
+    from fxprune.serialization import save
+
+    save(pruned, model_path, xb[:1])
     result = {"accuracy_before": acc_before, "accuracy_after": acc_after,
               "dense_macs": dense_macs, "pruned_macs": pruned_macs,
               "macs_ratio": pruned_macs / dense_macs, "reweight_macs": rw_macs,
@@ -244,8 +246,8 @@ def _run(out_dir, seed, dense_epochs, epochs, macs_ratio, rounds, verbose) -> di
               "plot": png, "model": model_path, "seconds": time.perf_counter() - t_all}
     with open(os.path.join(out_dir, "amap_summary.json"), "w") as f:
         json.dump(result, f, indent=1)
-    say(f"\nsaved {png or '(no plot: matplotlib missing)'}, {model_path} "
-        f"(torch.load(..., weights_only=False)) and amap_summary.json; "
+    say(f"\nsaved {png or '(no plot: matplotlib missing)'}, {model_path}/ (safetensors, "
+        f"plan.json, program.pt2: fxprune.load('{model_path}')) and amap_summary.json; "
         f"total {result['seconds']:.0f} s")
     return result
 

@@ -9,7 +9,8 @@ Subcommands::
     fxprune bench   [--models NAME ...] [--out FILE] [--repeats 5] [--threads 2]
 
 ``MODEL`` is a spec read by :func:`fxprune.app.models_registry.load_model`: ``timm:<name>``,
-``torchvision:<name>``, ``fxprune:<factory>`` or ``path/to/file.py:<factory>``.
+``torchvision:<name>``, ``fxprune:<factory>``, ``hf:<model id or directory>`` or
+``path/to/file.py:<factory>``.
 
 Errors fxprune raises on purpose (:class:`fxprune.errors.FxPruneError`) are printed as one
 paragraph on stderr with exit status 2; ``--debug`` adds the traceback. ``prune`` prints
@@ -27,9 +28,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
-import inspect
 import json
 import logging
 import os
@@ -42,6 +40,7 @@ from typing import Any
 
 import torch
 
+from fxprune.app.report import plan_rows, prune_table
 from fxprune.errors import FxPruneError, InputError
 from fxprune.meta import PLAN_KEY, REPORT_KEY, SUMMARY_KEY
 
@@ -51,7 +50,7 @@ EXIT_TARGET_MISSED = 3
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_SCRIPT = REPO_ROOT / "benchmarks" / "bench_analyze.py"
 
-__all__ = ["build_parser", "main", "prepare_graph"]
+__all__ = ["build_parser", "main"]
 
 
 # -- shared helpers -----------------------------------------------------------------------
@@ -75,56 +74,6 @@ def _fmt_macs(macs: int) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc)
     return text.splitlines()[0] if text else ""
-
-
-def _module_exists(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
-
-
-def _get_prune():
-    """``fxprune.prune``, or a typed error where this installation lacks it."""
-    import fxprune
-
-    try:
-        return fxprune.prune
-    except ModuleNotFoundError as exc:
-        if not (exc.name or "").startswith("fxprune"):
-            raise
-        raise FxPruneError(f"{PROG} prune", "fxprune.prune is not available in this "
-                           f"installation ({exc})",
-                           hint="update fxprune; `fxprune analyze` works without it") from exc
-
-
-def prepare_graph(gm: torch.fx.GraphModule
-                  ) -> tuple[torch.fx.GraphModule, list[tuple[str, bool]] | None]:
-    """Run ``fxprune.pipeline.prepare`` (the decomposition passes: nn.MultiheadAttention,
-    torchvision's shifted window attention, F.linear on get_attr weights, fused q/k/v splits)
-    when that module exists. Returns ``(graph_module, log)``: ``log`` is ``[(pass, modified)]``,
-    or None when ``fxprune.pipeline`` is not installed (the graph is returned as traced).
-
-    Only a missing ``fxprune.pipeline`` falls back: an error raised inside it propagates.
-    """
-    if not _module_exists("fxprune.pipeline"):
-        return gm, None
-    from fxprune.pipeline import prepare
-
-    result = prepare(gm)
-    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0],
-                                                                     torch.fx.GraphModule):
-        return result[0], list(result[1])
-    if result is None:  # prepared in place
-        return gm, []
-    if isinstance(result, torch.fx.GraphModule):
-        return result, []
-    new = getattr(result, "graph_module", None)  # a PassResult
-    if isinstance(new, torch.fx.GraphModule):
-        return new, []
-    raise FxPruneError(f"{PROG}", f"fxprune.pipeline.prepare returned a "
-                       f"{type(result).__name__}, expected (GraphModule, log)",
-                       hint="report this as an fxprune bug")
 
 
 def _load(args) -> tuple[torch.nn.Module, Any]:
@@ -161,14 +110,15 @@ def _print_json(obj: Any) -> None:
 
 # -- analyze ------------------------------------------------------------------------------
 
-def analysis_report(model: torch.nn.Module, x: Any) -> tuple[Any, int, list | None]:
-    """Trace, count MACs, prepare (decompose) and analyze: ``(analysis, macs, prepare log)``
-    (the log is None where ``fxprune.pipeline`` is not available)."""
+def analysis_report(model: torch.nn.Module, x: Any) -> tuple[Any, int, list]:
+    """Trace, count MACs, prepare (decompose) and analyze: ``(analysis, macs, prepare log)``,
+    the log being ``[(pass name, modified)]``."""
     import fxprune
+    from fxprune.pipeline import prepare
 
     gm = fxprune.trace(model, x)
     macs = fxprune.count_macs(gm)  # the dense graph as traced (opaque leaves are counted too)
-    gm, prepared = prepare_graph(gm)
+    gm, prepared = prepare(gm)
     return fxprune.analyze(gm), macs, prepared
 
 
@@ -204,9 +154,8 @@ def cmd_analyze(args) -> int:
         out = {"model": args.model,
                "input_shape": [list(t.shape) for t in _as_tuple(x)],
                "macs": macs,
-               "prepared": prepared is not None,
-               "prepare_passes": ([{"pass": n, "modified": bool(m)} for n, m in prepared]
-                                  if prepared is not None else None),
+               "prepared": True,
+               "prepare_passes": [{"pass": n, "modified": bool(m)} for n, m in prepared],
                "sites": len(d["attention"]),
                "prunable_groups": sum(1 for g in analysis.groups if g.prunable),
                "frozen_groups": sum(1 for g in analysis.groups if g.frozen is not None)}
@@ -214,74 +163,14 @@ def cmd_analyze(args) -> int:
         _print_json(out)
         return 0
     print(f"model: {args.model}  input: {_shape_text(x)}  MACs: {_fmt_macs(macs)}")
-    if prepared is None:
-        print("prepare: skipped (fxprune.pipeline not available: graph analysed as traced)")
-    else:
-        changed = [n for n, m in prepared if m]
-        print(f"prepare: {', '.join(changed) if changed else 'no rewrites needed'}")
+    changed = [n for n, m in prepared if m]
+    print(f"prepare: {', '.join(changed) if changed else 'no rewrites needed'}")
     print()
     print(str(analysis))
     return 0
 
 
 # -- prune --------------------------------------------------------------------------------
-
-def _plan_rows(model: torch.nn.Module, plan: dict) -> list[dict]:
-    """One row per (parameter, dim) of a plan: kept count and the original size."""
-    rows = []
-    for name, dims in plan.items():
-        try:
-            shape = tuple(model.get_parameter(name).shape)
-        except AttributeError:
-            try:
-                shape = tuple(model.get_buffer(name).shape)
-            except AttributeError:
-                shape = None
-        for dim, kept in dims.items():
-            n = int(kept.numel()) if isinstance(kept, torch.Tensor) else len(kept)
-            of = shape[int(dim)] if shape is not None and int(dim) < len(shape) else None
-            rows.append({"param": name, "dim": int(dim), "kept": n, "of": of})
-    return rows
-
-
-def _plan_table(rows: list[dict]) -> str:
-    from fxprune.app.report import format_table
-
-    if not rows:
-        return "plan: nothing pruned"
-    body = [[r["param"], r["dim"], r["kept"], r["of"] if r["of"] is not None else "?",
-             f"{r['kept'] / r['of']:.3f}" if r["of"] else "-"] for r in rows]
-    return "plan (kept indices per sliced parameter of the original model):\n" + format_table(
-        ["parameter", "dim", "kept", "of", "fraction"], body)
-
-
-def _summary_table(summary: list[dict]) -> str:
-    """Widths before -> after per attention site and MLP (``pruned.meta["fxprune.summary"]``)."""
-    from fxprune.app.report import format_table
-
-    rows = []
-    for r in summary:
-        if "site" in r:
-            rows.append([f"site {r['site']}", r.get("kind", "-"), r.get("heads", "-"),
-                         f"{r.get('qk_dim')} -> {r.get('qk_dim_after')}",
-                         f"{r.get('v_dim')} -> {r.get('v_dim_after')}", "-", "-"])
-        else:
-            rows.append([f"group {r.get('group')}", r.get("kind", "-"), "-", "-", "-",
-                         f"{r.get('width')} -> {r.get('width_after')}", r.get("frozen") or "-"])
-    return "kept widths:\n" + format_table(
-        ["where", "kind", "heads", "qk dim/head", "v dim/head", "width", "frozen"], rows)
-
-
-def _result_table(model: torch.nn.Module, pruned: torch.nn.Module, rows: list[dict]) -> str:
-    from fxprune.app import report
-
-    if hasattr(report, "prune_table"):
-        return report.prune_table(pruned)
-    summary = getattr(pruned, "meta", {}).get(SUMMARY_KEY)
-    if summary:
-        return _summary_table(summary)
-    return _plan_table(rows)
-
 
 def _save(pruned: torch.nn.Module, x: Any, out: str) -> str:
     """Save by ``--out``'s suffix (fxprune.serialization.save_artifact); returns what."""
@@ -310,21 +199,19 @@ def cmd_prune(args) -> int:
                          f"{args.macs_ratio}", hint="e.g. --macs-ratio 0.7 keeps 70% of the MACs")
     if args.align < 1:
         raise InputError(f"{PROG} prune", f"--align must be a positive int, got {args.align}")
-    prune = _get_prune()
     model, x = _load(args)
     dense = fxprune.count_macs(model, x)
-    kwargs = {}
-    if hasattr(args, "seed") and "seed" in inspect.signature(prune).parameters:
-        kwargs["seed"] = args.seed  # the random criterion's seed, where prune takes one
-    kwargs.update(_prune_options(args))
+    kwargs = _prune_options(args)
+    if hasattr(args, "seed"):
+        kwargs["seed"] = args.seed  # the random criterion's seed
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        pruned = prune(model, x, macs_ratio=args.macs_ratio, criterion=args.criterion,
+        pruned = fxprune.prune(model, x, macs_ratio=args.macs_ratio, criterion=args.criterion,
                        align=args.align, **kwargs)
     notes = _warning_texts(caught, echo=not args.json)
     after = fxprune.count_macs(pruned, x)
     plan = pruned.meta.get(PLAN_KEY, {}) if hasattr(pruned, "meta") else {}
-    rows = _plan_rows(model, plan)
+    rows = plan_rows(model, plan)
     saved = _save(pruned, x, args.out) if args.out else None
     if args.json:
         _print_json({"model": args.model,
@@ -342,7 +229,7 @@ def cmd_prune(args) -> int:
           f"({after / dense if dense else float('nan'):.3f} of dense; target "
           f"{args.macs_ratio:g})")
     print()
-    print(_result_table(model, pruned, rows))
+    print(prune_table(pruned))
     report = getattr(pruned, "meta", {}).get(REPORT_KEY)
     if report:
         from fxprune.planning.report import format_report
@@ -368,45 +255,12 @@ def _strict_status(args, pruned) -> int:
 
 # -- demo ---------------------------------------------------------------------------------
 
-def _fallback_demo() -> int:
-    import fxprune
-    from fxprune.app.models_registry import load_model
-
-    spec = "timm:deit_small_patch16_224"
-    print(f"fxprune demo: {spec} (random weights), one (1, 3, 224, 224) input\n")
-    model, x = load_model(spec)
-    analysis, macs, _ = analysis_report(model, x)
-    print(f"dense MACs: {_fmt_macs(macs)}\n")
-    print(analysis)
-    try:
-        prune = _get_prune()
-    except FxPruneError:
-        print("\n(fxprune.prune is not available in this installation: pruning skipped)")
-        return 0
-    pruned = prune(model, x, macs_ratio=0.7, criterion="similarity", align=8)
-    after = fxprune.count_macs(pruned, x)
-    print(f"\npruned to macs_ratio=0.7 (similarity, align 8): {_fmt_macs(macs)} -> "
-          f"{_fmt_macs(after)} ({after / macs:.3f})\n")
-    print(_result_table(model, pruned, _plan_rows(model, pruned.meta.get(PLAN_KEY, {}))))
-    with torch.no_grad():
-        diff = (model(x) - pruned(x)).abs().max().item()
-    print(f"\nmax |dense - pruned| on the example input: {diff:.4g} (random weights)")
-    return 0
-
-
 def cmd_demo(args) -> int:
-    if _module_exists("fxprune.app.demo"):
-        from fxprune.app.demo import main as demo_main
+    from fxprune.app.demo import main as demo_main
 
-        given = {"model_name": args.model, "macs_ratio": args.macs_ratio, "out_dir": args.out}
-        params = inspect.signature(demo_main).parameters
-        kwargs = {k: v for k, v in given.items() if v is not None and k in params}
-        ignored = [k for k, v in given.items() if v is not None and k not in params]
-        if ignored:
-            raise InputError(f"{PROG} demo", f"this demo does not take {', '.join(ignored)}")
-        rc = demo_main(**kwargs)
-        return rc if isinstance(rc, int) else 0
-    return _fallback_demo()
+    given = {"model_name": args.model, "macs_ratio": args.macs_ratio, "out_dir": args.out}
+    demo_main(**{k: v for k, v in given.items() if v is not None})
+    return 0
 
 
 # -- bench --------------------------------------------------------------------------------
@@ -428,16 +282,14 @@ def cmd_bench(args) -> int:
 # -- parser and entry point ---------------------------------------------------------------
 
 def _criteria() -> tuple[str, ...]:
-    try:
-        from fxprune.planning.criteria import CRITERIA
-    except ImportError:  # an installation without the planning package
-        return ("similarity", "l1", "random", "toast")
+    from fxprune.planning.criteria import CRITERIA
+
     return tuple(CRITERIA)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="timm:<name> | torchvision:<name> | fxprune:<factory> | "
-                   "path/to/file.py:<factory>")
+                   "hf:<model id or directory> | path/to/file.py:<factory>")
     p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), default=None,
                    help="spatial size of the example input (default: the model's own)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -465,6 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
+    _add_analyze(sub, common)
+    _add_prune(sub, common)
+    _add_demo(sub, common)
+    _add_bench(sub, common)
+    return parser
+
+
+def _add_analyze(sub, common) -> None:
     p = sub.add_parser("analyze", parents=[common], help="attention sites and channel groups",
                        description="Trace MODEL, decompose opaque attention, and print the "
                        "attention sites, channel groups (with the reason of any frozen group) "
@@ -475,10 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "freeze with its reason, each site and group found")
     p.set_defaults(func=cmd_analyze)
 
+
+def _add_prune(sub, common) -> None:
     p = sub.add_parser("prune", parents=[common], help="one-shot structured pruning",
                        description="Prune MODEL to a MACs budget without training and print "
-                       "the plan. --out FILE.pt2 saves torch.export.export(pruned); any other "
-                       "suffix saves the GraphModule with torch.save.")
+                       "what it could not prune; --out saves the result (see --out).")
     _add_model_args(p)
     p.add_argument("--macs-ratio", type=float, default=0.7,
                    help="target MACs as a fraction of the dense model (default 0.7)")
@@ -503,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"a missed MACs target is an error (exit status {EXIT_TARGET_MISSED})")
     p.set_defaults(func=cmd_prune)
 
+
+def _add_demo(sub, common) -> None:
     p = sub.add_parser("demo", parents=[common], help="the demo job (what `make demo` runs)",
                        description="Analyse and prune a timm ViT with random weights (default "
                        "DeiT-S to 0.7 of its MACs), check it against the zeroed original and "
@@ -512,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: the demo's, runs/demo)")
     p.set_defaults(func=cmd_demo)
 
+
+def _add_bench(sub, common) -> None:
     p = sub.add_parser("bench", parents=[common],
                        help="analysis timings (benchmarks/bench_analyze.py)")
     p.add_argument("--models", nargs="+", default=None, metavar="NAME",
@@ -521,7 +386,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per step (median)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.set_defaults(func=cmd_bench)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,14 +16,13 @@ Example (takes about a minute)::
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
 
 import torch
 
-from fxprune.meta import MACS_RATIO_KEY, PLAN_KEY, SUMMARY_KEY
+from fxprune.meta import MACS_RATIO_KEY, SUMMARY_KEY
 
 
 def _median_ms(fn, x, rounds: int) -> float:
@@ -59,16 +58,8 @@ def main(model_name: str = "deit_small_patch16_224", macs_ratio: float = 0.7,
     pruned = fxprune.prune(model, x, macs_ratio=macs_ratio, criterion="similarity", align=8)
     print(f"one-shot prune (similarity criterion, align 8): {time.perf_counter() - t:.2f} s\n")
     print(prune_table(pruned))
-    zeroed = copy.deepcopy(model)
-    params = dict(zeroed.named_parameters())
+    zeroed = fxprune.zeroed_copy(model, pruned)
     with torch.no_grad():
-        for name, dims in pruned.meta[PLAN_KEY].items():
-            for dim, kept in dims.items():
-                drop = torch.ones(params[name].shape[dim], dtype=torch.bool)
-                drop[kept] = False
-                index = [slice(None)] * params[name].ndim
-                index[dim] = drop
-                params[name][tuple(index)] = 0
         err = float((pruned(x) - zeroed(x)).abs().max() / zeroed(x).abs().max())
     print(f"\npruned == original with the plan's entries zeroed: max rel. error {err:.2e}")
     xb = torch.randn(8, 3, 224, 224)
@@ -78,13 +69,14 @@ def main(model_name: str = "deit_small_patch16_224", macs_ratio: float = 0.7,
           f"{pruned_ms:.0f} ms -> {dense_ms / pruned_ms:.2f}x "
           f"(ideal {1 / pruned.meta['fxprune.macs_ratio']:.2f}x)")
     os.makedirs(out_dir, exist_ok=True)
-    torch.save(pruned, os.path.join(out_dir, "pruned.pt"))
+    fxprune.save(pruned, os.path.join(out_dir, "pruned"), x)
     result = {"model": model_name, "macs_ratio": pruned.meta[MACS_RATIO_KEY],
               "rel_error_vs_zeroed": err, "dense_ms": dense_ms, "pruned_ms": pruned_ms,
               "summary": pruned.meta[SUMMARY_KEY]}
     with open(os.path.join(out_dir, "result.json"), "w") as f:
         json.dump(result, f, indent=1)
-    print(f"saved {out_dir}/pruned.pt (torch.load(..., weights_only=False)) and result.json")
+    print(f"saved {out_dir}/pruned/ (safetensors weights, plan.json, program.pt2; reload with "
+          f"fxprune.load('{out_dir}/pruned')) and result.json")
     if amap:
         from fxprune.app import amap_demo
 

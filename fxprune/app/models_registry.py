@@ -9,6 +9,11 @@ Spec forms:
 * ``fxprune:<factory>``: a factory of :mod:`fxprune.models.reference` (``tiny_vit``,
   ``digits_vit``), or ``fxprune:<module>.<factory>`` for another module of ``fxprune.models``;
   the input size is read off the built model (patch embedding, or ``img_size``/``in_chans``).
+* ``hf:<model id or directory>``: a Hugging Face vision model,
+  ``AutoModelForImageClassification.from_pretrained`` (``AutoModel`` for models without a
+  classification head): its own weights, from a local directory (``save_pretrained``) or the
+  Hub (needs the network); the input is ``(1, C, S, S)`` from the config's ``image_size``
+  and ``num_channels``. fx cannot trace these models: the trace goes through torch.export.
 * ``path/to/file.py:<factory>``: imports the file and calls ``factory()``. The factory returns
   either ``(model, example_input)`` or a model with an ``example_input`` attribute.
 
@@ -46,10 +51,10 @@ from torch import nn
 from fxprune.errors import InputError
 
 WHERE = "fxprune.load_model"
-PREFIXES = ("timm", "torchvision", "fxprune")
+PREFIXES = ("timm", "torchvision", "fxprune", "hf")
 FORMS = ("timm:<name> (e.g. timm:deit_small_patch16_224), torchvision:<name> (e.g. "
-         "torchvision:vit_b_16), fxprune:<factory> (e.g. fxprune:tiny_vit), or "
-         "path/to/file.py:<factory>")
+         "torchvision:vit_b_16), fxprune:<factory> (e.g. fxprune:tiny_vit), hf:<model id or "
+         "directory> (e.g. hf:google/vit-base-patch16-224), or path/to/file.py:<factory>")
 
 __all__ = ["FORMS", "load_model", "parse_spec"]
 
@@ -102,6 +107,8 @@ def load_model(spec: str, input_size: Sequence[int] | None = None
         model, x = _load_torchvision(rest, hw)
     elif kind == "fxprune":
         model, x = _load_fxprune(rest, hw)
+    elif kind == "hf":
+        model, x = _load_hf(rest, hw)
     else:
         model, x = _load_file(rest, hw)
     if _is_exported(model):
@@ -252,6 +259,32 @@ def _load_torchvision(name: str, hw):
     s = getattr(model, "image_size", 224)
     h, w = hw if hw is not None else (s, s)
     return model, _randn((1, 3, h, w))
+
+
+# -- Hugging Face -------------------------------------------------------------------------
+
+def _load_hf(name: str, hw):
+    transformers = _import("transformers", "transformers")
+    last = None
+    for auto in ("AutoModelForImageClassification", "AutoModel"):
+        try:
+            model = getattr(transformers, auto).from_pretrained(name)
+            break
+        except ValueError as exc:  # this auto class does not know the architecture
+            last = exc
+        except OSError as exc:
+            raise InputError(WHERE, f"Hugging Face has no model {name!r} here: "
+                             f"{str(exc).splitlines()[0]}", hint="give a directory written by "
+                             "save_pretrained, or a Hub id on a machine with network access"
+                             ) from exc
+    else:
+        raise InputError(WHERE, f"{name!r} is not a model transformers' auto classes build: "
+                         f"{str(last).splitlines()[0]}", hint="write a file.py:<factory> "
+                         "that builds it") from last
+    cfg = model.config
+    size = getattr(cfg, "image_size", 224)
+    h, w = hw if hw is not None else ((size, size) if isinstance(size, int) else tuple(size))
+    return model, _randn((1, getattr(cfg, "num_channels", 3), h, w))
 
 
 # -- fxprune.models -----------------------------------------------------------------------

@@ -10,6 +10,8 @@ Example:
 
 from __future__ import annotations
 
+import torch
+
 from fxprune.meta import DENSE_MACS_KEY, MACS_RATIO_KEY, SUMMARY_KEY
 
 
@@ -96,3 +98,29 @@ def prune_table(pruned) -> str:
         out.append(f"MACs: {format_macs(dense)} -> {format_macs(dense * ratio)} "
                    f"(ratio {ratio:.3f}, criterion {pruned.meta.get('fxprune.criterion')})")
     return "\n".join(out)
+
+
+def plan_rows(model: torch.nn.Module, plan: dict) -> list[dict]:
+    """One row per (parameter, dim) of a plan (``pruned.meta["fxprune.plan"]``): the kept
+    count and the original size (None where ``model`` has no such tensor). ``model`` may be
+    a Module or an ExportedProgram.
+
+    Example:
+        >>> import torch
+        >>> plan_rows(torch.nn.Linear(4, 3), {"weight": {0: torch.tensor([0, 2])}})
+        [{'param': 'weight', 'dim': 0, 'kept': 2, 'of': 3}]
+    """
+    if isinstance(model, torch.nn.Module):
+        tensors = dict(model.named_buffers(remove_duplicate=False))
+        tensors.update(dict(model.named_parameters(remove_duplicate=False)))
+    else:  # an ExportedProgram: its state_dict names the original parameters
+        tensors = dict(getattr(model, "state_dict", {}))
+    rows = []
+    for name, dims in plan.items():
+        shape = tuple(tensors[name].shape) if name in tensors else None
+        for dim, kept in dims.items():
+            n = int(kept.numel()) if isinstance(kept, torch.Tensor) else len(kept)
+            of = shape[int(dim)] if shape is not None and int(dim) < len(shape) else None
+            rows.append({"param": name, "dim": int(dim), "kept": n, "of": of})
+    return rows
+

@@ -32,6 +32,7 @@ import numpy as np
 
 from fxprune.planning.cost import CostModel
 from fxprune.planning.units import Units, group_units
+from fxprune.slicing import label_keep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,9 +165,16 @@ def _group_candidates(cost_model, analysis, scores, skip, align) -> list[_Candid
     return out
 
 
+#: how far from the target (a fraction of the dense MACs) the greedy's plan may land before
+#: it is corrected: below, a coarse last step (few heads, a small stem width, a large
+#: alignment) cut far more than the target asks; above, the per-unit prices missed an
+#: interaction (a layer between two narrowed groups, k^T v in linear attention)
+SLACK = 0.01
+
+
 def allocate(gm, analysis, scores: dict[int, np.ndarray], target_macs: float,
              dense_macs: float, align: int, whole_head_sites=(),
-             paired_sites=()) -> list[Kept]:
+             paired_sites=(), slack: float = SLACK) -> list[Kept]:
     """Kept count per head for every scored group so that MACs land at or below target.
 
     Sites in ``whole_head_sites`` are pruned by whole heads instead (:class:`KeptHeads`),
@@ -174,6 +182,11 @@ def allocate(gm, analysis, scores: dict[int, np.ndarray], target_macs: float,
     and v (:class:`KeptPairedChannels`); every other scored group gets a
     :class:`KeptChannels`. Returns one record per candidate (a group or site that had room
     to shrink), whole-head sites first, then paired sites, then groups.
+
+    The greedy prices steps with per-unit savings; the plan it reaches is then measured
+    exactly (all groups narrowed at once, as ``count_macs`` of the sliced model counts it).
+    A plan within ``slack * dense`` of the target stands; any other is refined (see
+    :func:`refine`) to land in ``[target - slack * dense, target]`` where the steps allow.
     """
     cost_model = CostModel(gm, analysis)
     candidates = _whole_head_candidates(cost_model, analysis, scores, whole_head_sites)
@@ -188,14 +201,96 @@ def allocate(gm, analysis, scores: dict[int, np.ndarray], target_macs: float,
     heap = [c.heap_entry(seq) for seq, c in enumerate(candidates)]
     heapq.heapify(heap)
     macs = float(dense_macs)
+    taken: list[int] = []
     while macs > target_macs and heap:
         *_, seq = heapq.heappop(heap)
         c = candidates[seq]
         macs -= c.cost * (c.steps[c.i] - c.steps[c.i + 1])
         c.i += 1
+        taken.append(seq)
         if c.i + 1 < len(c.steps):
             heapq.heappush(heap, c.heap_entry(seq))
+    measure = _ExactMacs(cost_model, analysis, scores, candidates, dense_macs)
+    refine(measure, candidates, heap, taken, target_macs, slack * float(dense_macs))
     return [c.decision() for c in candidates]
+
+
+class _ExactMacs:
+    """MACs of the model with every candidate at its current step, all groups narrowed at
+    once (a layer between two narrowed groups shrinks on both sides)."""
+
+    def __init__(self, cost_model, analysis, scores, candidates, dense_macs):
+        self.cost_model, self.analysis, self.scores = cost_model, analysis, scores
+        self.candidates, self.dense = candidates, float(dense_macs)
+        self._masks: dict[tuple[int, int], dict[int, np.ndarray]] = {}
+
+    def __call__(self) -> float:
+        masks: dict[int, np.ndarray] = {}
+        for seq, c in enumerate(self.candidates):
+            if c.i == 0:
+                continue
+            if (seq, c.i) not in self._masks:
+                self._masks[seq, c.i] = keep_masks(self.analysis, self.scores, [c.decision()])
+            masks.update(self._masks[seq, c.i])
+        if not masks:
+            return self.dense
+        groups = [self.analysis.groups[gi] for gi in masks]
+        lab_keep = label_keep(self.analysis, masks)
+        return self.dense - self.cost_model.saved_under(groups, lab_keep)
+
+
+def refine(measure, candidates, heap, taken: list[int], target: float, slack: float) -> None:
+    """Bring the greedy's plan (``taken``: its steps in order, ``heap``: the next ones) into
+    ``[target - slack, target]`` measured by ``measure()``, where the steps allow: while below
+    give back the latest steps; while above ``target`` take the next steps by priority,
+    passing over any that would land below ``target - slack`` (a coarse one), then try each
+    passed-over step. A plan within ``slack`` of the target is left as it is; otherwise the
+    plan kept is the best one measured (at or below the target and closest to it, the
+    greedy's own included), so refining never makes a plan worse.
+    """
+    best: list = []
+
+    def measured() -> float:
+        macs = measure()
+        key = (macs <= target, macs if macs <= target else -macs)
+        if not best or key > best[0]:
+            best[:] = [key, [c.i for c in candidates]]
+        return macs
+
+    macs = measured()
+    if abs(macs - target) <= slack:
+        return
+    floor = target - slack
+    passed: set[int] = set()
+    while macs < floor and taken:
+        seq = taken.pop()
+        candidates[seq].i -= 1
+        passed.add(seq)
+        macs = measured()
+    while macs > target and heap:
+        *_, seq = heapq.heappop(heap)
+        c = candidates[seq]
+        if seq in passed or c.i + 1 >= len(c.steps):
+            continue
+        c.i += 1
+        after = measured()
+        if after < floor:
+            c.i -= 1
+            passed.add(seq)
+            continue
+        macs = after
+        taken.append(seq)
+        if c.i + 1 < len(c.steps):
+            heapq.heappush(heap, c.heap_entry(seq))
+    if macs > target:
+        for seq in sorted(passed):
+            c = candidates[seq]
+            if c.i + 1 < len(c.steps):
+                c.i += 1
+                measured()
+                c.i -= 1
+    for c, i in zip(candidates, best[1]):
+        c.i = i
 
 
 def keep_masks(analysis, scores: dict[int, np.ndarray],

@@ -57,23 +57,65 @@ class CostModel:
         labels = self.labels_of(np.unique(removed))
         self.lab_keep[labels] = False
         try:
-            nodes = {n for g in groups for n, _ in g.members}
-            affected = set(nodes)
-            for n in nodes:
-                affected.update(n.users)
-
-            def shape_of(node):
-                shape = new_shape(node, self.lab_keep) if node in nodes else None
-                return shape if shape is not None else node.meta[SHAPE_KEY]
-
-            saved = 0
-            for node in affected:
-                if node.op in ("placeholder", "output", "get_attr"):
-                    continue
-                try:
-                    saved += node_macs(node, self.gm) - node_macs(node, self.gm, shape_of)
-                except Exception:  # noqa: BLE001 - a node macs cannot price costs nothing
-                    continue
+            return self.saved_under(groups, self.lab_keep)
         finally:
             self.lab_keep[labels] = True
-        return saved
+
+    def saved_under(self, groups, lab_keep: np.ndarray) -> float:
+        """MACs saved, all at once, when the labels with ``lab_keep`` False are sliced away
+        from ``groups`` (joint: a layer between two narrowed groups is priced at both widths).
+
+        Example:
+            >>> import torch, fxprune
+            >>> from fxprune.slicing import label_keep
+            >>> m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+            ...                         torch.nn.Linear(16, 8))
+            >>> gm = fxprune.trace(m, torch.randn(2, 8)); a = fxprune.analyze(gm)
+            >>> g = a.groups[0]; keep = {0: g.layout < g.layout.min() + 4}   # 4 of 16 kept
+            >>> CostModel(gm, a).saved_under([g], label_keep(a, keep))       # 2*12*8 twice
+            384.0
+        """
+        nodes = {n for g in groups for n, _ in g.members}
+        affected = set(nodes)
+        for n in nodes:
+            affected.update(n.users)
+        params = self.analysis.param_comps
+
+        def shape_of(node):
+            if node in nodes:
+                shape = new_shape(node, lab_keep)
+            elif node.op == "get_attr" and node.target in params:
+                # a functional conv reads its widths off the weight, not off its input
+                shape = param_shape(self.analysis, node.target, lab_keep)
+            else:
+                shape = None
+            return shape if shape is not None else node.meta[SHAPE_KEY]
+
+        saved = 0
+        for node in affected:
+            if node.op in ("placeholder", "output", "get_attr"):
+                continue
+            try:
+                saved += node_macs(node, self.gm) - node_macs(node, self.gm, shape_of)
+            except Exception:  # noqa: BLE001 - a node macs cannot price costs nothing
+                continue
+        return float(saved)
+
+
+def param_shape(analysis, name: str, lab_keep: np.ndarray) -> tuple[int, ...]:
+    """Shape of parameter or buffer ``name`` once the labels with ``lab_keep`` False are
+    sliced away (every dim keeps the indices some kept entry uses).
+
+    Example:
+        >>> import torch, fxprune
+        >>> gm = fxprune.trace(torch.nn.Linear(4, 6), torch.randn(2, 4))
+        >>> a = fxprune.analyze(gm)
+        >>> param_shape(a, "weight", np.ones(a.components.n_labels, dtype=bool))
+        (6, 4)
+    """
+    shape = analysis.param_shapes[name]
+    mask = np.ones(shape, dtype=bool)
+    for c in analysis.param_comps[name]:
+        mask &= np.broadcast_to(lab_keep[c.lab].reshape(c.lab.shape), shape)
+    return tuple(int(mask.any(axis=tuple(o for o in range(mask.ndim) if o != d)).sum())
+                 for d in range(mask.ndim))

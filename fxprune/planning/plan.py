@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from typing import Any
@@ -231,6 +232,50 @@ def apply_plan(model, plan: Plan, example_inputs=None) -> torch.fx.GraphModule:
         if key in plan.info:
             pruned.meta[meta_key] = plan.info[key]
     return pruned
+
+
+def zeroed_copy(model: torch.nn.Module, plan) -> torch.nn.Module:
+    """A deep copy of the ORIGINAL ``model`` with every entry the plan drops set to zero: the
+    reference a pruned model must equal, checkable without trusting the slicer.
+
+    ``plan`` is a pruned GraphModule, an :class:`Plan`, or its ``{parameter: {dim: kept}}``
+    mapping (``meta["fxprune.plan"]``). A parameter the model lacks raises :class:`PlanError`.
+
+    Example:
+        >>> import torch, fxprune
+        >>> from fxprune.models.reference import tiny_vit
+        >>> _ = torch.manual_seed(0)
+        >>> model, x = tiny_vit(), torch.randn(2, 3, 32, 32)
+        >>> pruned = fxprune.prune(model, x, macs_ratio=0.6)
+        >>> reference = fxprune.zeroed_copy(model, pruned)
+        >>> bool(torch.allclose(pruned(x), reference(x), atol=1e-5))
+        True
+    """
+    if isinstance(plan, torch.fx.GraphModule):
+        if PLAN_KEY not in plan.meta:
+            raise InputError("fxprune.zeroed_copy", "the GraphModule carries no plan "
+                             f"(meta[{PLAN_KEY!r}])", hint="pass a model returned by "
+                             "fxprune.prune, fxprune.apply_plan or the Slice pass")
+        plan = plan.meta[PLAN_KEY]
+    elif isinstance(plan, Plan):
+        plan = plan.params
+    zeroed = copy.deepcopy(model)
+    tensors = dict(zeroed.named_parameters(remove_duplicate=False))
+    tensors.update(dict(zeroed.named_buffers(remove_duplicate=False)))
+    with torch.no_grad():
+        for name, dims in plan.items():
+            if name not in tensors:
+                raise PlanError("fxprune.zeroed_copy", f"the plan names {name!r}, which the "
+                                "model does not have", hint="pass the model the plan was "
+                                "made from")
+            t = tensors[name]
+            for dim, kept in dims.items():
+                drop = torch.ones(t.shape[int(dim)], dtype=torch.bool)
+                drop[torch.as_tensor(kept, dtype=torch.long)] = False
+                index = [slice(None)] * t.ndim
+                index[int(dim)] = drop
+                t[tuple(index)] = 0
+    return zeroed
 
 
 def _check_result(got: dict, plan: Plan) -> None:

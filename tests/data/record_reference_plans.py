@@ -1,5 +1,5 @@
 """Record the plans and pruned weights of three real models, to check that a refactor of
-fxprune changes neither (``tests/test_reference_plans.py`` compares against the JSON).
+fxprune changes neither (``tests/planning/test_reference_plans.py`` compares against the JSON).
 
     python tests/data/record_reference_plans.py tests/data/reference_plans.json
 

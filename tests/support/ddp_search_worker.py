@@ -1,6 +1,6 @@
 """One rank of a 2-process DistributedDataParallel AMAP search (gloo, CPU).
 
-Run by ``tests/test_search.py::test_ddp_two_ranks_end_with_identical_masks``::
+Run by ``tests/amap/test_search.py::test_ddp_two_ranks_end_with_identical_masks``::
 
     python -m torch.distributed.run --nproc_per_node=2 --standalone \\
         tests/support/ddp_search_worker.py OUTDIR

@@ -140,6 +140,19 @@ def _addmm(p: Propagator, node) -> Any:
     return out
 
 
+@rule("baddbmm")
+def _baddbmm(p: Propagator, node) -> Any:
+    """``beta * input + alpha * (batch1 @ batch2)``: a batched product (scores with a bias
+    folded in, in attention written on ``(B * heads, N, d)``) plus an elementwise term."""
+    out = _contraction(p, node, node.args[1], node.args[2], "BMK", "BKN", "BMN",
+                       arg_positions=(1, 2))
+    out.shape = shape_of(node) or out.shape
+    added = p.tv(node.args[0])
+    if added is not None:
+        out = p.pointwise([out, added], out.shape)
+    return out
+
+
 @rule("einsum")
 def _einsum(p: Propagator, node) -> Any:
     eq = node.args[0]

@@ -281,8 +281,10 @@ def _repeat_interleave(p, node) -> Any:
 @rule("getattr")
 def _getattr(p, node) -> Any:
     attr = node.args[1]
-    if attr in ("T", "mT"):
+    if attr in ("T", "H"):  # every dim reversed
         return permute(p, node, "t")
+    if attr in ("mT", "mH"):  # the last two dims swapped (a batched matrix transpose)
+        return permute(p, node, "mT")
     return None if not isinstance(node.meta.get("val"), torch.Tensor) else pointwise(
         p, node)
 

@@ -45,6 +45,8 @@ def permute(p: Propagator, node, name) -> Any:
         perm = dims_arg(node.args[1:] or node.kwargs.get("dims"), nd)
     elif name == "t" or name == "numpy_T":
         perm = list(range(nd))[::-1]
+    elif name == "mT":
+        perm = list(range(nd - 2)) + [nd - 1, nd - 2]
     elif name == "movedim":
         src, dst = arg(node, 1, "source"), arg(node, 2, "destination")
         src = [src] if isinstance(src, int) else list(src)

@@ -16,7 +16,7 @@ Example (teach fxprune an elementwise op of your own)::
     >>> del FUNCTION_RULES[my_gelu]
 
 A function of your own reaches the graph as one node when the trace keeps it as a leaf
-(``torch.fx.wrap("my_gelu")`` at module level, as ``tests/test_rule_registry.py`` does).
+(``torch.fx.wrap("my_gelu")`` at module level, as ``tests/analysis/test_rule_registry.py`` does).
 """
 
 from __future__ import annotations

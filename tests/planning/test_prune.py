@@ -181,11 +181,12 @@ def test_nothing_to_prune():
 def test_unreachable_target_warns_with_what_was_reached():
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8),
                                 torch.nn.Linear(8, 64))  # last layer reaches the output: dense
+    # one unit left in each group is 2 * (8 + 1 + 64) of 1536 MACs, a ratio of 0.095
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        pruned = fxprune.prune(model, torch.randn(2, 8), macs_ratio=0.2, align=1)
+        pruned = fxprune.prune(model, torch.randn(2, 8), macs_ratio=0.05, align=1)
     assert any("reached macs_ratio" in str(w.message) for w in caught)
-    assert pruned.meta["fxprune.macs_ratio"] > 0.22
+    assert pruned.meta["fxprune.macs_ratio"] > 0.07
 
 
 def test_macs_ratio_one_prunes_nothing():

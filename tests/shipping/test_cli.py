@@ -15,7 +15,7 @@ from fxprune.app.models_registry import load_model, parse_spec
 from fxprune.errors import InputError
 from fxprune.models.reference import tiny_vit
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 HAS_PRUNE = any(importlib.util.find_spec(m) is not None
                 for m in ("fxprune.planning.oneshot", "fxprune.prune"))
 
@@ -210,3 +210,35 @@ def test_analyze_torchvision_vit_b_16(capsys):
     d = json.loads(out)
     assert d["sites"] == 12 and d["prepared"]
     assert any(p["pass"] == "decompose-mha" and p["modified"] for p in d["prepare_passes"])
+
+
+def test_hf_spec_prunes_a_saved_hugging_face_model(tmp_path, capsys):
+    """``hf:<directory>``: a model written by ``save_pretrained`` (its own weights), pruned
+    from the command line and saved; the saved model equals the zeroed original."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=64, image_size=16, patch_size=8,
+                                    num_labels=3)
+    transformers.ViTForImageClassification(config).eval().save_pretrained(tmp_path / "vit")
+    out = tmp_path / "pruned"
+    assert main(["prune", f"hf:{tmp_path / 'vit'}", "--macs-ratio", "0.7", "--align", "1",
+                 "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["input_shape"] == [[1, 3, 16, 16]]
+    assert abs(result["macs_ratio"] - 0.7) <= 0.02
+    original = transformers.ViTForImageClassification.from_pretrained(tmp_path / "vit").eval()
+    pruned = fxprune.load(out)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        got = pruned(x)
+        got = got.logits if hasattr(got, "logits") else got
+        plan = fxprune.Plan.from_json((out / "plan.json").read_text())
+        want = fxprune.zeroed_copy(original, plan)(x).logits
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_hf_spec_that_is_not_there_is_an_input_error(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    assert main(["analyze", f"hf:{tmp_path / 'missing'}"]) == 2
+    assert "Hugging Face has no model" in capsys.readouterr().err

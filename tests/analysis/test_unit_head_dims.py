@@ -3,8 +3,9 @@
 Size-1 dims never carry channel labels (one label along them says nothing), so before the fix
 ``q`` of shape ``(B, h, N, 1)`` carried its ``h`` channels on the head dim only and the q.k
 contraction read that dim as a batch dim: no site, the v channels taken for plain MLP
-channels, and a width-1 ``k`` contracted against an unlabeled ``q`` left prunable. Shrunk from
-``tests/test_properties.py`` once the generator drew head dims of 1 (it drew 2 or more before).
+channels, and a width-1 ``k`` contracted against an unlabeled ``q`` left prunable. Shrunk
+from ``tests/models/test_properties.py`` once the generator drew head dims of 1 (it drew 2
+or more before).
 
 Each case shows the graph's analysis before any pass and the model after ``prune``.
 """
@@ -97,7 +98,7 @@ def test_width_one_k_against_unlabeled_q_is_frozen():
 
 def test_one_channel_per_head_after_slicing_is_still_a_site():
     """The search keeps one q/k channel per head; re-analysing the sliced model must see the
-    same site (refine then reweights it, tests/test_search.py)."""
+    same site (refine then reweights it, tests/amap/test_search.py)."""
     model, x, _ = build(_spec(3, 4, 4, "explicit_pre", proj="fused_qkv"))
     gm = fxprune.trace(model, x)
     a = fxprune.analyze(gm)

@@ -20,6 +20,7 @@ How the reference is made fair (torch 2.13, CPU):
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -257,9 +258,17 @@ def test_einsum_macs_forms():
 
 
 def test_opaque_leaf_with_linears_warns():
-    model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True))
+    """torch.fx's own tracer keeps torch.nn's composite modules as leaves: counting such a
+    graph warns instead of undercounting silently. fxprune.trace traces into them."""
+    model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)).eval()
+    x = torch.randn(1, 4, 16)
     with pytest.warns(UserWarning, match="opaque leaf"):
-        assert count_macs(model, torch.randn(1, 4, 16)) == 0
+        assert count_macs(torch.fx.symbolic_trace(model), x) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the torch.export fallback says so
+        traced_into = count_macs(model, x)
+    # q/k/v/out projections, the two MLP Linears, q.k and attn.v
+    assert traced_into == 4 * (16 * 48 + 16 * 16 + 16 * 32 + 32 * 16) + 2 * 4 * 4 * 16
 
 
 def test_not_a_module_raises_input_error():

@@ -24,7 +24,8 @@ def test_zoo_sweep_five_families(tmp_path):
     results = {r["family"]: r for r in doc["results"]}
     assert list(results) == FAMILIES
     for fam, r in results.items():
-        assert r["status"] in ("exact", "below", "partial", "refused", "missed"), \
+        assert r["status"] in ("exact", "below", "partial", "refused", "missed",
+                               "no-dpa"), \
             (fam, r.get("error"))
         assert r["unchanged"], (fam, r["changed_by"])
         if r["status"] in ("exact", "below", "partial"):
@@ -54,3 +55,15 @@ def test_status_rules():
     assert sweep.status_of(dict(base, unchanged=False)) == "modified"
     assert sweep.status_of({"error": {"typed": True}}) == "refused"
     assert sweep.status_of({"error": {"typed": False}}) == "crashed"
+    # a family without dot-product attention counts when the report says so and it hits the
+    # target; off target it is partial/below like any other; a family with one is "missed"
+    told = {"attention": "no dot-product attention"}
+    nodpa = dict(base, sites=0, family="swiftformer", report=told)
+    assert sweep.status_of(nodpa) == "no-dpa"
+    assert sweep.status_of(dict(nodpa, report={"attention": "2 sites"})) == "missed"
+    assert sweep.status_of(dict(nodpa, macs_ratio=0.86)) == "partial"
+    assert sweep.status_of(dict(nodpa, family="mvitv2")) == "missed"
+    rows = [{"status": "exact"}] * 7 + [{"status": "no-dpa"}, {"status": "missed"},
+                                        {"status": "partial"}]
+    assert sweep.bar_line(rows).startswith("Exact within 0.02 of the target: 8 of 10 (80%")
+    assert "7 of 9 (78%)" in sweep.bar_line(rows)

@@ -7,7 +7,7 @@ models at their MACs target, the equal training budget recorded, metrics in rang
 masked-only model's deployable MACs are never below its masked MACs while a sliced model's
 are its measured MACs.
 
-One torch thread, as in tests/test_digits_smoke.py.
+One torch thread, as in tests/benchmarks/test_digits_smoke.py.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from benchutil import load_bench
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 
 pytest.importorskip("timm")

@@ -15,6 +15,8 @@ import pytest
 import torch
 from benchutil import load_bench
 
+import fxprune
+
 pytest.importorskip("sklearn")
 
 
@@ -55,13 +57,13 @@ def test_amap_demo_tiny(tmp_path, one_thread):
     if importlib.util.find_spec("matplotlib") is not None:
         assert png.is_file() and png.stat().st_size > 10_000
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    model_path = tmp_path / "amap_pruned.pt"
-    assert model_path.is_file()
+    model_path = tmp_path / "amap_pruned"
+    assert (model_path / "plan.json").is_file() and (model_path / "model.safetensors").is_file()
     assert (tmp_path / "amap_summary.json").is_file()
     assert len(r["kept"]) == 4 and all(len(row["qk_kept"]) == 4 for row in r["kept"])
     for row in r["kept"]:   # head synchronisation: every head keeps the same count
         assert len(set(row["qk_kept"])) == 1 and len(set(row["v_kept"])) == 1
     assert r["pruned_macs"] < r["dense_macs"] and r["speedup"] > 0
-    pruned = torch.load(model_path, weights_only=False)
+    pruned = fxprune.load(model_path)    # no pickle: the saved program and weights
     x = torch.rand(5, 1, 8, 8)
     assert pruned(x).shape == (5, 10)

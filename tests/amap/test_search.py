@@ -37,7 +37,7 @@ from zoo import ZOO
 
 torch.set_num_threads(1)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 IMG = (3, 32, 32)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import networkx as nx
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = {"fxprune": ROOT / "fxprune", "fxprune.passes": ROOT / "passes",
             "fxprune.models": ROOT / "models"}
 

@@ -184,6 +184,21 @@ def test_fx_failure_falls_back_to_torch_export_and_says_so():
     assert pruned.meta["fxprune.macs_ratio"] <= 0.6
 
 
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_model_traced_through_torch_export_keeps_a_dynamic_batch(batch):
+    """torch.export specialises a dim whose example size is 1; the fallback exports a batch of
+    2 with the batch dim dynamic, so the pruned model takes any batch (as fx-traced ones do)."""
+    torch.manual_seed(0)
+    model, x = ShapeBranch().eval(), torch.randn(batch, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruned = fxprune.prune(model, x, macs_ratio=0.6, align=4, criterion="l1")
+    reference = zeroed_original(model, pruned.meta["fxprune.plan"])
+    for other in (1, 3, 7):
+        xb = torch.randn(other, 16)
+        assert rel_err(outputs(pruned, xb), outputs(reference, xb)) < 1e-5
+
+
 class DataBranch(nn.Module):
     def __init__(self):
         super().__init__()

@@ -4,7 +4,7 @@ accuracies of such models mean nothing). It checks plumbing (rows, fields, JSON,
 and what must hold whatever the weights: every variant at its MACs target, accuracies in
 [0, 1], KL >= 0 and the dense model at KL 0 and agreement 1, and that the cache is reused.
 
-One torch thread, as in tests/test_digits_smoke.py.
+One torch thread, as in tests/benchmarks/test_digits_smoke.py.
 """
 
 from __future__ import annotations

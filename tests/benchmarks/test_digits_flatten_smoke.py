@@ -5,7 +5,7 @@ tiny schedule: one seed, 1 dense epoch, 3 search / refine / fine-tune epochs at 
 the MACs target, and that the linear-attention channel counts are consistent; the accuracies
 of so short a schedule mean nothing.
 
-One torch thread, as in tests/test_digits_smoke.py (small-op workloads on a loaded 2-core
+One torch thread, as in tests/benchmarks/test_digits_smoke.py (small-op workloads on a loaded 2-core
 machine are many times slower with two).
 """
 

@@ -3,7 +3,7 @@ schedule: one seed, 2 dense epochs, 3 search / refine / fine-tune epochs. It che
 (rows, fields, the JSON file, the table) and that every variant lands at the MACs target; the
 accuracies of so short a schedule mean nothing.
 
-One torch thread, as in tests/test_digits_smoke.py (small-op workloads on a loaded 2-core
+One torch thread, as in tests/benchmarks/test_digits_smoke.py (small-op workloads on a loaded 2-core
 machine are many times slower with two).
 """
 
