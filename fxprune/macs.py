@@ -71,8 +71,16 @@ def _conv_fn(node, shape):
     # each output (resp. input) element costs prod(weight.shape[1:]).
     w = shape(_arg(node, 1, "weight"))
     transposed = node.target is aten.convolution.default and bool(_arg(node, 6, "transposed"))
-    base = shape(_arg(node, 0, "input")) if transposed else shape(node)
-    return _numel(base) * _numel(w[1:])
+    if transposed:
+        return _numel(shape(_arg(node, 0, "input"))) * _numel(w[1:])
+    # the input's channels, not the weight's (a planner prices pruned inputs by the input's
+    # shape alone); a depthwise conv (one input channel per group) stays depthwise
+    x = shape(_arg(node, 0, "input"))
+    groups = _arg(node, 8 if node.target is aten.convolution.default else 6, "groups") or 1
+    cin = x[len(x) - (len(w) - 2) - 1] if x is not None and len(x) >= len(w) - 1 else None
+    per_group = w[1] if cin is None or w[1] == 1 or not isinstance(groups, int) \
+        else cin // groups
+    return _numel(shape(node)) * per_group * _numel(w[2:])
 
 
 def _sdpa(node, shape):

@@ -34,6 +34,9 @@ POINTWISE = {
     "randn_like", "exp_", "sigmoid_", "relu_", "gelu_", "native_dropout", "requires_grad_",
     "feature_dropout", "dropout1d", "dropout2d", "alpha_dropout", "_assert_tensor_metadata",
     "__and__", "__or__", "and_", "or_", "logit", "addcmul", "lerp",
+    # in-place activations as torch.export records them (``nn.Hardswish(inplace=True)``)
+    "hardswish_", "hardsigmoid_", "hardtanh_", "silu_", "elu_", "leaky_relu_", "mish_",
+    "tanh_", "clamp_", "clamp_min_", "clamp_max_",
 }
 #: elementwise casts whose tensor arguments after the first only give a dtype or device
 CAST = {"to", "type_as"}
@@ -47,7 +50,8 @@ REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "var", "std", "norm", "lo
           "argmax", "argmin", "all", "any", "var_mean", "std_mean", "linalg_vector_norm",
           "linalg_norm", "nansum"}
 NONTENSOR = {"getattr", "size", "dim", "numel", "_assert", "_assert_is_none", "sym_size",
-             "sym_numel", "_assert_scalar", "sym_constrain_range_for_size", "_log_api_usage_once"}
+             "sym_numel", "_assert_scalar", "sym_constrain_range_for_size", "_log_api_usage_once",
+             "_enter_autocast", "_exit_autocast"}
 SOFTMAX = {"softmax", "log_softmax", "_softmax", "_log_softmax", "_safe_softmax"}
 SPATIAL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveAvgPool1d,
                    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample)

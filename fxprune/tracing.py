@@ -21,6 +21,7 @@ import torch
 import torch.fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from fxprune.autocast_regions import inline_autocast_regions
 from fxprune.errors import InputError, TraceError
 from fxprune.meta import (
     INPUT_DTYPES_KEY,
@@ -562,6 +563,7 @@ def _unlift(ep) -> torch.fx.GraphModule:
     if not isinstance(gm, torch.fx.GraphModule):
         raise TraceError(WHERE, "ExportedProgram.module() did not return a GraphModule")
     _strip_export_guards(gm)
+    inline_autocast_regions(gm)
     return gm
 
 

@@ -15,7 +15,9 @@ tensor arguments kept as the existing graph nodes (see ``passes/_support/inline.
   .contiguous().unsqueeze(0)`` on the ``get_attr`` table and index.
 * ``_patch_merging_pad`` and ``torchvision.ops.stochastic_depth`` (an identity when
   ``training=False`` or ``p=0``, so the node simply disappears) are inlined too
-  (``Options.helpers``).
+  (``Options.helpers``), and so are the functions timm registers as not traceable
+  (:func:`library_leaf_functions`), which fxprune's trace keeps as leaves only where a plain
+  trace fails (MViTv2's reshapes into pooled heads, for one).
 
 Ops that are identities by their constant arguments (``F.pad`` by zeros, ``F.dropout`` with
 ``p=0`` or ``training=False``) are dropped. The Swin V2 qkv bias (a clone of ``qkv.bias`` whose
@@ -60,7 +62,8 @@ from ._support.inline import inline_call, replace_node
 from ._support.linear_bias import normalize_linear_biases
 from ._support.worlds import InlineError, WorldSet
 
-__all__ = ["DecomposeWindowAttention", "DecomposeWindowAttentionOptions", "wrapped_functions"]
+__all__ = ["DecomposeWindowAttention", "DecomposeWindowAttentionOptions", "library_leaf_functions",
+           "wrapped_functions"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +95,22 @@ def wrapped_functions(helpers: bool = True) -> dict[Callable[..., Any], str]:
                 table[getattr(swin, name)] = name
         if callable(stochastic_depth):
             table[stochastic_depth] = "stochastic_depth"
+        table.update(library_leaf_functions())
     return table
+
+
+def library_leaf_functions() -> dict[Callable[..., Any], str]:
+    """Functions a model library asks torch.fx to keep as leaves (timm's
+    ``register_notrace_function``: reshapes into and out of pooled heads, window reverses,
+    relative-position terms). fxprune traces with them as leaves only when a plain trace
+    fails; as leaves they are opaque to the analysis, so they are inlined like the
+    torchvision helpers (a call that cannot be traced stays as it is, refused)."""
+    try:
+        from timm.layers import _fx as timm_fx  # type: ignore
+    except Exception:  # noqa: BLE001 - timm absent or changed: nothing to match
+        return {}
+    return {fn: getattr(fn, "__name__", repr(fn))
+            for fn in getattr(timm_fx, "_autowrap_functions", ()) if callable(fn)}
 
 
 class DecomposeWindowAttention(FxPass):

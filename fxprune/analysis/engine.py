@@ -468,6 +468,8 @@ def _adopt_head_layout(group: ChannelGroup, layout: np.ndarray) -> None:
     """Give a group the (heads, per-head) layout seen at its attention site."""
     if layout.shape[0] <= 1 or group.layout.shape[0] > 1:
         return
+    if any(len(np.unique(row)) < len(row) for row in layout):
+        return  # one channel repeated along a dim (its entries tied): not heads
     if set(np.unique(layout).tolist()) != set(np.unique(group.layout).tolist()):
         return
     group.layout = layout

@@ -99,3 +99,28 @@ def param_of_module(p, node, attr) -> TV | None:
     if getattr(mod, attr, None) is None:
         return None
     return p.param_value(f"{node.target}.{attr}")
+
+
+def tie_across(p: Propagator, comp, dims, reason: str, others=()):
+    """An op that mixes values along ``dims`` (softmax, a reduction, a norm) on a comp that
+    also spans other dims: removing a channel exactly means removing its whole fibre along
+    ``dims``, so the labels along them are tied (one channel per index of the other dims)
+    and the comp continues over the other dims. A comp that lives on ``dims`` alone, a
+    parameter's, or one whose other dims are spanned by ``others`` (the tensor's other comps:
+    those dims are heads shared with other channels, as in channel attention's scores) is
+    frozen with ``reason``; returns None then.
+
+    Example: the per-path weights of a selective kernel, (B, paths, C) with a softmax over
+    the paths, keep C prunable channels, each the pair of its per-path entries."""
+    hit = [d for d in comp.span if d in dims]
+    rest = tuple(d for d in comp.span if d not in dims)
+    if not hit:
+        return comp
+    shared = {d for o in others if o is not comp and not o.soft for d in o.span}
+    if comp.soft or not rest or set(rest) <= shared:
+        p.store.freeze(comp.lab, reason)
+        return None
+    lab = comp.lab
+    for d in hit:
+        lab = p.store.collapse(lab, d)
+    return comp.moved(lab, rest)

@@ -303,3 +303,39 @@ def _narrow_rule(p: Propagator, node) -> Any:
 @rule("stack")
 def _stack(p: Propagator, node) -> Any:
     return _cat(p, node, stack=True)
+
+
+def _pool_rule(spatial: int):
+    def pool(p, node) -> Any:
+        x = p.tv(node.args[0]) if node.args else None
+        if x is None:
+            return p.unlabeled_like(node)
+        # the functional pools act on the trailing ``spatial`` dims (batch dim optional)
+        return along_dims(p, node, range(x.ndim - spatial, x.ndim), "pooling")
+    return pool
+
+
+for _k in (1, 2, 3):
+    rule(f"avg_pool{_k}d", f"max_pool{_k}d", f"adaptive_avg_pool{_k}d",
+         f"_adaptive_avg_pool{_k}d", f"adaptive_max_pool{_k}d",
+         f"lp_pool{_k}d")(_pool_rule(_k))
+
+
+@rule("unfold")
+def _unfold(p, node) -> Any:
+    """``x.unfold(dim, size, step)``: windows along ``dim`` (a new last dim of ``size``);
+    channels on other dims pass through. ``F.unfold`` (im2col) mixes channels with kernel
+    positions in one dim: not understood."""
+    if node.op == "call_function" and node.target is torch.nn.functional.unfold:
+        return unknown(p, node, "function unfold (im2col)")
+    x = p.tv(node.args[0])
+    if x is None:
+        return p.unlabeled_like(node)
+    dim = arg(node, 1, "dimension") % x.ndim
+    comps = []
+    for c in x.comps:
+        if dim in c.span:
+            p.store.freeze(c.lab, f"unfold along channels at {node.name}")
+            continue
+        comps.append(Comp(c.lab.reshape(c.lab.shape + (1,)), c.span, c.soft))
+    return TV(comps, shape_of(node), x.soft)

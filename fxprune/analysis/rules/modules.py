@@ -11,7 +11,7 @@ from fxprune.analysis.rules.common import param_of_module, pointwise
 from fxprune.analysis.rules.contraction import conv, linear
 from fxprune.analysis.rules.indexing import along_dims
 from fxprune.analysis.rules.movement import reshape
-from fxprune.analysis.rules.normalization import normalize
+from fxprune.analysis.rules.normalization import normalize, softmax_over
 from fxprune.analysis.rules.registry import module_rule
 from fxprune.analysis.values import TV
 from fxprune.ops import ACT_MODULES, SPATIAL_MODULES
@@ -86,10 +86,7 @@ def _softmax_module(p: Propagator, node) -> Any:
         return p.unlabeled_like(node)
     mod = p.gm.get_submodule(node.target)
     dim = mod.dim if mod.dim is not None else x.ndim - 1
-    for c in x.comps:
-        if dim % x.ndim in c.span:
-            p.store.freeze(c.lab, f"softmax over channels at {node.name}")
-    return TV(list(x.comps), x.shape, x.soft)
+    return softmax_over(p, node, x, dim % x.ndim)
 
 
 @module_rule(nn.Flatten)

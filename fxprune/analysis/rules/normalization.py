@@ -11,7 +11,7 @@ import torch.fx
 
 from fxprune.analysis import layout
 from fxprune.analysis.labels import Comp
-from fxprune.analysis.rules.common import arg, out_shape, pointwise, unknown
+from fxprune.analysis.rules.common import arg, out_shape, pointwise, tie_across, unknown
 from fxprune.analysis.rules.registry import rule
 from fxprune.analysis.values import TV, Sink
 from fxprune.ops import REDUCE, SOFTMAX, op_name
@@ -66,9 +66,11 @@ def reduce(p: Propagator, node, name) -> Any:
         if set(c.span) & set(dims):
             if not x.soft and set(c.span) <= set(dims) and _zero_safe(name, order):
                 p.sinks.append(Sink(node, 0, c, "reduce"))
-            else:
-                p.store.freeze(c.lab, f"{name} reduces over channels at {node.name}")
-            continue
+                continue
+            c = tie_across(p, c, set(dims), f"{name} reduces over channels at {node.name}",
+                           x.comps)
+            if c is None or x.soft:
+                continue
         comps.append(c if keepdim else layout.squeeze_comp(
             Comp(c.lab, c.span, c.soft), dims))
     if isinstance(val, (tuple, list)):  # max/min with dim return (values, indices)
@@ -85,11 +87,17 @@ def softmax(p: Propagator, node) -> Any:
     dim = arg(node, 1, "dim")
     if dim is None:
         dim = x.ndim - 1
-    dim %= x.ndim
+    return softmax_over(p, node, x, dim % x.ndim)
+
+
+def softmax_over(p: Propagator, node, x: TV, dim: int) -> TV:
+    """Softmax along ``dim``: channels there are frozen, unless they also span other dims
+    (then each channel is a whole fibre along ``dim``: :func:`tie_across`)."""
+    comps = []
     for c in x.comps:
-        if dim in c.span:
-            p.store.freeze(c.lab, f"softmax over channels at {node.name}")
-    return TV(list(x.comps), x.shape, x.soft)
+        tied = tie_across(p, c, {dim}, f"softmax over channels at {node.name}", x.comps)
+        comps.append(c if tied is None else tied)
+    return TV(comps, x.shape, x.soft)
 
 
 def normalize(p: Propagator, node, x_arg, norm_dims, weight, bias, what) -> Any:
