@@ -104,11 +104,13 @@ AT_TARGET = ["cait_xxs24_224", "xcit_nano_12_p16_224", "edgenext_xx_small", "eff
              "efficientformerv2_s0", "visformer_tiny", "eva02_tiny_patch14_224",
              "vit_medium_patch16_rope_reg1_gap_256", "vit_pe_core_tiny_patch16_384",
              "swiftformer_xs", "coatnet_nano_rw_224", "fastvit_sa12", "davit_tiny",
-             "gcvit_xxtiny", "samvit_base_patch16_224", "maxvit_pico_rw_256", "mvitv2_tiny"]
-# ... those whose last allocation step overshoots the target (large steps): exact, at or below
-NEAR_TARGET = ["pit_ti_224"]
+             "gcvit_xxtiny", "samvit_base_patch16_224", "maxvit_pico_rw_256", "mvitv2_tiny",
+             # coarse last allocation steps that used to overshoot the target
+             "pit_ti_224", "coat_tiny", "tiny_vit_5m_224", "iformer_t", "efficientvit_m0",
+             # relative-position logits from q, halo windows, lambda layers
+             "botnet26t_256", "halonet26t", "lambda_resnet26t", "cpubone_nano"]
 # ... and those that prune exactly but stop above it, with the report naming the blockers
-PARTIAL = ["beit3_base_patch16_224", "botnet26t_256", "halonet26t", "lambda_resnet26t"]
+PARTIAL = ["beit3_base_patch16_224"]
 
 
 def _timm_prune(name):
@@ -125,13 +127,6 @@ def test_timm_family_prunes_exactly_to_the_target(name):
     _, report = _timm_prune(name)
     assert abs(report["reached"] - 0.7) <= 0.02, report["reached"]
     assert all(row["reason"] for row in report["frozen"])
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", NEAR_TARGET)
-def test_timm_family_prunes_exactly_at_or_below_the_target(name):
-    _, report = _timm_prune(name)
-    assert report["target_met"] and report["reached"] > 0.6
 
 
 @pytest.mark.slow
