@@ -48,8 +48,8 @@ from fxprune.meta import (
 )
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
 from fxprune.planning.plan import Plan
+from fxprune.shapes import example_zeros, propagate_shapes
 from fxprune.slicing import apply_slice
-from fxprune.tracing import example_zeros, propagate_shapes
 
 from .insert_gates import gate_modules
 

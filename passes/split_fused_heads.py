@@ -41,7 +41,7 @@ from fxprune.meta import (
 )
 from fxprune.ops import op_name
 from fxprune.passbase import FxPass, PassResult, copy_graph_module
-from fxprune.tracing import example_zeros, propagate_shapes
+from fxprune.shapes import example_zeros, propagate_shapes
 
 VIEW_OPS = {"view", "reshape", "_unsafe_view", "unflatten"}
 PERMUTE_OPS = {"permute", "transpose", "contiguous"}

@@ -216,7 +216,7 @@ def _real_calls(module):
 
 def test_a_graph_whose_shapes_do_not_fit_fails_at_its_node_without_a_real_run():
     from fxprune.errors import InputError
-    from fxprune.tracing import propagate_shapes
+    from fxprune.shapes import propagate_shapes
 
     x = torch.randn(2, 8)
     gm = fxprune.trace(LateMismatch().eval(), x)
@@ -256,7 +256,7 @@ class NumpyRoundTrip(nn.Module):
 
 
 def test_a_node_that_only_fake_tensors_cannot_run_is_still_run_for_real():
-    from fxprune.tracing import propagate_shapes
+    from fxprune.shapes import propagate_shapes
 
     x = torch.randn(2, 8)
     gm = torch.fx.symbolic_trace(NumpyRoundTrip().eval())

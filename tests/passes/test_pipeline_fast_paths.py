@@ -13,7 +13,7 @@ import torch
 
 import fxprune
 import fxprune.planning.criteria as criteria
-import fxprune.tracing as tracing
+import fxprune.shapes as shapes
 from fxprune.models.reference import tiny_vit
 from fxprune.passbase import FxPass, PassResult
 from fxprune.passes.split_fused_heads import SplitFusedHeads, local_meta_values
@@ -235,15 +235,15 @@ def test_split_fused_heads_local_values_equal_a_full_propagation(name):
     result = SplitFusedHeads()(gm)
     out = result.graph_module
     local = _vals(out)
-    tracing.propagate_shapes(out, tracing.example_zeros(out))
+    shapes.propagate_shapes(out, shapes.example_zeros(out))
     assert local == _vals(out)
 
 
 def test_split_fused_heads_local_values_need_meta_propagated_values():
     gm = fxprune.trace(tiny_vit(), torch.randn(1, 3, 32, 32))
-    gm.meta[tracing.SHAPE_PROP_KEY] = "fake"  # e.g. values refreshed by fake tensors
+    gm.meta[shapes.SHAPE_PROP_KEY] = "fake"  # e.g. values refreshed by fake tensors
     assert local_meta_values(gm, [], []) is False
-    gm.meta[tracing.SHAPE_PROP_KEY] = "meta"
+    gm.meta[shapes.SHAPE_PROP_KEY] = "meta"
     assert local_meta_values(gm, [], []) is True
 
 
@@ -255,13 +255,13 @@ def test_memoized_meta_propagation_equals_the_plain_one(monkeypatch, name):
         model, x, _ = ZOO[name]()
     graphs = [fxprune.trace(model, x), fxprune.prune(model, x, macs_ratio=0.7, align=1)]
     for gm in graphs:
-        tracing.propagate_shapes(gm, tracing.example_zeros(gm))
-        assert gm.meta[tracing.SHAPE_PROP_KEY] == "meta"
+        shapes.propagate_shapes(gm, shapes.example_zeros(gm))
+        assert gm.meta[shapes.SHAPE_PROP_KEY] == "meta"
         memo = _vals(gm)
         with monkeypatch.context() as m:
-            m.setattr(tracing, "_MEMO_FUNCTIONS", frozenset())
-            m.setattr(tracing, "_MEMO_MODULES", ())
-            tracing.propagate_shapes(gm, tracing.example_zeros(gm))
+            m.setattr(shapes, "_MEMO_FUNCTIONS", frozenset())
+            m.setattr(shapes, "_MEMO_MODULES", ())
+            shapes.propagate_shapes(gm, shapes.example_zeros(gm))
         assert memo == _vals(gm)
 
 
