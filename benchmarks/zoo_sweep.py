@@ -533,7 +533,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", help="comma-separated family names (default: all found)")
     ap.add_argument("--jobs", type=int, default=1)
-    ap.add_argument("--timeout", type=float, default=240.0, help="seconds per family")
+    ap.add_argument("--timeout", type=float, default=400.0, help="seconds per family")
     ap.add_argument("--out", default=str(HERE / "results" / "zoo_sweep.json"))
     ap.add_argument("--results-md", action="store_true", help="write the table into RESULTS.md")
     ap.add_argument("--list", action="store_true", help="print the families and stop")
@@ -579,7 +579,7 @@ def main(argv=None) -> int:
     import platform
 
     import torch
-    doc = {"target": TARGET, "tolerance": TOLERANCE, "jobs": args.jobs,
+    doc = {"target": TARGET, "tolerance": TOLERANCE, "jobs": args.jobs, "timeout": args.timeout,
            "wall_s": round(wall, 1), "enumerate_s": round(enum_s, 1),
            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -593,7 +593,8 @@ def _write(doc: dict, args) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=1, default=str) + "\n")
     md = (f"{SECTION}\n\n`OMP_NUM_THREADS=1 python benchmarks/zoo_sweep.py --jobs {doc['jobs']} "
-          f"--results-md` at commit {doc['commit']} ({doc['machine']}, torch {doc['torch']}): "
+          f"--timeout {doc.get('timeout', 240):g} --results-md` at commit {doc['commit']} "
+          f"({doc['machine']}, torch {doc['torch']}): "
           f"{len(results)} families, wall time {wall / 60:.1f} min. Target macs_ratio {TARGET}; "
           f"`exact`: the pruned model equals the original with the plan's entries zeroed "
           f"(relative error < {EXACT_REL:g}); status `exact` = exact and within {TOLERANCE} of "
