@@ -81,6 +81,10 @@ class Contraction:
     fresh_heads: Comp | None
 
 
+#: elementwise ops that add one operand to another
+_SHIFTS = ("add", "iadd", "add_", "sub", "isub", "sub_", "rsub")
+
+
 class Propagator:
     """Runs the op rules over ``gm`` and keeps everything the analysis needs."""
 
@@ -233,15 +237,36 @@ class Propagator:
                         self.store.freeze(c.lab, "channels combined elementwise with a tensor "
                                           f"that has no channel labels at {self.current.name}")
                 comps.append(c)
-        merged = self.merge_comps(comps)
         target = self.current.target if self.current is not None else None
         name = getattr(target, "_opname", None) or getattr(target, "__name__", target)
-        if len(hard) > 1 and name in ("add", "iadd", "add_", "sub", "isub"):
+        if len(hard) > 1 and name in _SHIFTS:
+            self._freeze_shifted(hard, out_shape)
+        merged = self.merge_comps(comps)
+        if len(hard) > 1 and name in _SHIFTS:
             # two activations added channel by channel: a residual stream
             for c in merged:
                 if not c.soft:
                     self.store.mark(c.lab, "residual")
         return TV(merged, out_shape, soft=bool(tvs) and not hard)
+
+    def _freeze_shifted(self, hard: list[TV], out_shape: tuple[int, ...]) -> None:
+        """``x + y`` where ``y`` broadcasts along a channel dim of ``x`` without labels there
+        (``q - q.sum(-1, keepdim=True) / C``): a removed channel of ``x`` would take ``y``'s
+        value instead of zero, which a later reduction over the channels reads."""
+        for v in hard:
+            for c in v.comps:
+                if c.soft:
+                    continue
+                for u in hard:
+                    if u is v:
+                        continue
+                    spanned = u.spanned()
+                    if any(out_shape[d] > 1 and u.shape[d] == 1 and d not in spanned
+                           for d in c.span):
+                        self.store.freeze(c.lab, "channels shifted by a value broadcast over "
+                                          "them (a removed channel would take it) at "
+                                          f"{self.current.name}")
+                        break
 
     def merge_comps(self, comps: list[Comp]) -> list[Comp]:
         """One comp per span: comps over the same dims are coupled (hard ones kept), a

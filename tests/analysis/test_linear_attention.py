@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxprune
-from exactness import gated_and_sliced, outputs, rel_err
+from exactness import gated_and_sliced, outputs, rel_err, zeroed_original
 from fxprune.amap.linear_init import channel_distance, linear_attention_scores
 from fxprune.amap.macs_model import MacsModel
 from fxprune.amap.search import search
@@ -223,6 +223,36 @@ def test_mean_over_channels_freezes_qk_with_reason():
     assert a.attention[0].kind == "linear"
     assert qk.frozen and "mean reduces over channels" in qk.frozen
     assert a.groups[a.attention[0].v_group].prunable  # v is still fine
+
+
+class _SumCentredLinear(_MeanNormLinear):
+    """q normalised by hand with sums only: ``q - sum(q) / C``, then divided by the root of
+    the sum of squares. The centring gives a removed channel the value ``-sum(q) / C``, which
+    the second sum reads: before, both sums were taken for zero-safe sinks and the pruned
+    model was 0.2% off the zeroed original, with nothing said."""
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        centred = q - q.sum(dim=-1, keepdim=True) / C
+        q = F.relu(centred * torch.rsqrt((centred * centred).sum(dim=-1, keepdim=True) + 1e-5))
+        k = F.relu(k)
+        q, k, v = (t.reshape(B, N, self.h, self.d).transpose(1, 2) for t in (q, k, v))
+        out = q @ (k.transpose(-2, -1) @ v)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C)) + x
+
+
+def test_channels_shifted_by_a_broadcast_value_freeze():
+    torch.manual_seed(0)
+    model, x = _SumCentredLinear().eval(), torch.randn(2, 5, 16)
+    a = fxprune.analyze(fxprune.trace(model, x))
+    qk = a.groups[a.attention[0].qk_group]
+    assert qk.frozen and "shifted by a value broadcast over them" in qk.frozen
+    assert a.groups[a.attention[0].v_group].prunable
+    pruned = fxprune.prune(model, x, macs_ratio=0.8, align=1, criterion="l1")
+    with torch.no_grad():
+        ref = zeroed_original(model, pruned.meta["fxprune.plan"])(x)
+        assert rel_err(pruned(x), ref) < 1e-5
 
 
 def test_three_operand_einsum_is_refused_dense():
