@@ -255,7 +255,9 @@ class Propagator:
         value instead of zero, which a later reduction over the channels reads."""
         for v in hard:
             for c in v.comps:
-                if c.soft:
+                # the heads of attention scores: a removed head's scores plus a mask only
+                # weigh that head's v, which is removed with it
+                if c.soft or int(c.lab.ravel()[0]) in self.site_of_head_label:
                     continue
                 for u in hard:
                     if u is v:
