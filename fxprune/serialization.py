@@ -35,6 +35,7 @@ import torch.fx
 
 from fxprune.errors import FxPruneError, InputError, PlanError
 from fxprune.meta import PLAN_DATA_KEY
+from fxprune.tracing import export_dynamic_batch
 
 WEIGHTS = "model.safetensors"
 PLAN = "plan.json"
@@ -70,16 +71,12 @@ def export_program(pruned: torch.nn.Module, example_inputs, dynamic_batch: bool 
     static shapes, with a warning, where the graph fixes the batch size."""
     inputs = _as_tuple(example_inputs)
     if dynamic_batch:
-        batched = tuple(t.expand(max(2, t.shape[0]), *t.shape[1:]).contiguous()
-                        if t.ndim else t for t in inputs)
-        batch = torch.export.Dim("batch", min=1, max=1 << 16)
-        dims = tuple({0: batch} if t.ndim else None for t in batched)
-        try:
-            return torch.export.export(pruned, batched, dynamic_shapes=dims)
-        except Exception as exc:  # noqa: BLE001 - the static export below is the answer
-            warnings.warn(f"fxprune: the batch dimension could not be made dynamic "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); the "
-                          "program runs at the example batch size only", stacklevel=2)
+        ep, exc = export_dynamic_batch(pruned, inputs)
+        if ep is not None:
+            return ep
+        warnings.warn(f"fxprune: the batch dimension could not be made dynamic "
+                      f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); the "
+                      "program runs at the example batch size only", stacklevel=2)
     return torch.export.export(pruned, inputs)
 
 

@@ -133,16 +133,22 @@ def new_shape(node: torch.fx.Node, lab_keep: np.ndarray, meta=None, shape=None):
     return tuple(out)
 
 
+def param_mask(analysis, name: str, lab_keep: np.ndarray) -> np.ndarray:
+    """Keep mask of parameter/buffer ``name``: the AND of its comps' kept labels."""
+    shape = analysis.param_shapes[name]
+    mask = np.ones(shape, dtype=bool)
+    for c in analysis.param_comps[name]:
+        mask &= np.broadcast_to(lab_keep[c.lab].reshape(c.lab.shape), shape)
+    return mask
+
+
 def param_masks(analysis, lab_keep: np.ndarray) -> dict[str, np.ndarray]:
     """Keep mask per parameter/buffer name for every one that loses entries."""
     out = {}
     for name, comps in analysis.param_comps.items():
         if all(lab_keep[c.lab].all() for c in comps):  # nothing of it is dropped: no mask
             continue
-        shape = analysis.param_shapes[name]
-        mask = np.ones(shape, dtype=bool)
-        for c in comps:
-            mask &= np.broadcast_to(lab_keep[c.lab].reshape(c.lab.shape), shape)
+        mask = param_mask(analysis, name, lab_keep)
         if not mask.all():
             out[name] = mask
     return out

@@ -77,10 +77,15 @@ class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, torch.nn.MultiheadAttention):
             return True
-        if not self.leaf_containers and m.__module__.startswith("torch.nn") and \
-                next(m.children(), None) is not None:
+        if not self.leaf_containers and _torch_composite(m):
             return False
         return super().is_leaf_module(m, module_qualified_name)
+
+
+def _torch_composite(m: torch.nn.Module) -> bool:
+    """A torch.nn built-in made of other modules, other than ``nn.MultiheadAttention``."""
+    return m.__module__.startswith("torch.nn") and next(m.children(), None) is not None \
+        and not isinstance(m, torch.nn.MultiheadAttention)
 
 
 def _symbolic_trace(module: torch.nn.Module, n_inputs: int, leaf_containers: bool = False
@@ -259,30 +264,34 @@ def _trace_module(model: torch.nn.Module, inputs: tuple
     return gm, why
 
 
+def export_dynamic_batch(module: torch.nn.Module, inputs: tuple):
+    """``torch.export.export(module, inputs)`` with the first dim of every input dynamic:
+    ``(program, None)``, or ``(None, error)`` where the graph fixes the batch size.
+
+    torch.export specialises a dim whose example size is 1, so inputs are exported at a batch
+    of at least 2 (the example expanded)."""
+    batched = tuple(t.expand(max(2, t.shape[0]), *t.shape[1:]).contiguous()
+                    if isinstance(t, torch.Tensor) and t.ndim else t for t in inputs)
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    dims = tuple({0: batch} if isinstance(t, torch.Tensor) and t.ndim else None
+                 for t in batched)
+    try:
+        return torch.export.export(module, batched, dynamic_shapes=dims), None
+    except Exception as exc:  # noqa: BLE001 - the caller exports with static sizes instead
+        return None, exc
+
+
 def _export(model: torch.nn.Module, inputs: tuple):
     """``torch.export`` with the batch dim dynamic where it can be (so the pruned model takes
-    any batch size, as an fx-traced one does), else with the example's sizes.
-
-    torch.export specialises a dim whose example size is 1, so a batch of 1 is exported from
-    a copy of the inputs repeated to a batch of 2."""
-    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
-    if len(tensors) == len(inputs) and tensors and \
-            all(t.ndim >= 1 and t.shape[0] == tensors[0].shape[0] for t in tensors):
-        batch = torch.export.Dim("batch")
-        wider = tuple(torch.cat([t, t]) if t.shape[0] == 1 else t for t in tensors)
-        try:
-            return torch.export.export(model, wider,
-                                       dynamic_shapes=tuple({0: batch} for _ in wider))
-        except Exception:  # noqa: BLE001 - data-dependent batch handling: sizes as traced
-            pass
-    return torch.export.export(model, inputs)
+    any batch size, as an fx-traced one does), else with the example's sizes."""
+    ep, _ = export_dynamic_batch(model, inputs)
+    return ep if ep is not None else torch.export.export(model, inputs)
 
 
 def _containers_as_leaves(model, inputs: tuple, was_training: bool):
     """torch.fx with torch.nn's composite modules as leaves (their channels stay opaque), or
     None where the model has none or fx fails that way too."""
-    if not any(m.__module__.startswith("torch.nn") and next(m.children(), None) is not None
-               and not isinstance(m, torch.nn.MultiheadAttention) for m in model.modules()):
+    if not any(_torch_composite(m) for m in model.modules()):
         return None
     try:
         gm = _symbolic_trace(model, len(inputs), leaf_containers=True)

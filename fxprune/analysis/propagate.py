@@ -239,10 +239,11 @@ class Propagator:
                 comps.append(c)
         target = self.current.target if self.current is not None else None
         name = getattr(target, "_opname", None) or getattr(target, "__name__", target)
-        if len(hard) > 1 and name in _SHIFTS:
+        shift = len(hard) > 1 and name in _SHIFTS
+        if shift:
             self._freeze_shifted(hard, out_shape)
         merged = self.merge_comps(comps)
-        if len(hard) > 1 and name in _SHIFTS:
+        if shift:
             # two activations added channel by channel: a residual stream
             for c in merged:
                 if not c.soft:

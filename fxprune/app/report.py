@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from fxprune.meta import DENSE_MACS_KEY, MACS_RATIO_KEY, SUMMARY_KEY
+from fxprune.planning.plan import model_shapes
 
 
 def format_table(header: list[str], rows: list[list]) -> str:
@@ -110,17 +111,12 @@ def plan_rows(model: torch.nn.Module, plan: dict) -> list[dict]:
         >>> plan_rows(torch.nn.Linear(4, 3), {"weight": {0: torch.tensor([0, 2])}})
         [{'param': 'weight', 'dim': 0, 'kept': 2, 'of': 3}]
     """
-    if isinstance(model, torch.nn.Module):
-        tensors = dict(model.named_buffers(remove_duplicate=False))
-        tensors.update(dict(model.named_parameters(remove_duplicate=False)))
-    else:  # an ExportedProgram: its state_dict names the original parameters
-        tensors = dict(getattr(model, "state_dict", {}))
+    shapes = model_shapes(model)
     rows = []
     for name, dims in plan.items():
-        shape = tuple(tensors[name].shape) if name in tensors else None
+        shape = shapes.get(name)
         for dim, kept in dims.items():
             n = int(kept.numel()) if isinstance(kept, torch.Tensor) else len(kept)
             of = shape[int(dim)] if shape is not None and int(dim) < len(shape) else None
             rows.append({"param": name, "dim": int(dim), "kept": n, "of": of})
     return rows
-

@@ -21,7 +21,7 @@ import numpy as np
 from fxprune.macs import node_macs
 from fxprune.meta import SHAPE_KEY
 from fxprune.planning.units import Units
-from fxprune.slicing import new_shape
+from fxprune.slicing import new_shape, param_mask
 
 
 class CostModel:
@@ -113,9 +113,6 @@ def param_shape(analysis, name: str, lab_keep: np.ndarray) -> tuple[int, ...]:
         >>> param_shape(a, "weight", np.ones(a.components.n_labels, dtype=bool))
         (6, 4)
     """
-    shape = analysis.param_shapes[name]
-    mask = np.ones(shape, dtype=bool)
-    for c in analysis.param_comps[name]:
-        mask &= np.broadcast_to(lab_keep[c.lab].reshape(c.lab.shape), shape)
+    mask = param_mask(analysis, name, lab_keep)
     return tuple(int(mask.any(axis=tuple(o for o in range(mask.ndim) if o != d)).sum())
                  for d in range(mask.ndim))

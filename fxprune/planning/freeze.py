@@ -120,8 +120,6 @@ class Trials:
                 out = Slice(keep=self._keep(groups), inplace=True)(self._copy()).graph_module
                 self._last = (key, out)
                 self._sliced[key] = None
-            except FxPruneError as exc:
-                self._sliced[key] = f"slicing it fails: {str(exc).splitlines()[0]}"
             except Exception as exc:  # noqa: BLE001 - any failure of the trial: cannot slice
                 self._sliced[key] = _failure(exc)
         return self._sliced[key]
@@ -156,14 +154,15 @@ class Trials:
                        if isinstance(t, torch.Tensor)]
                 want = [t for t in pytree.tree_leaves(gated(*self.example_inputs))
                         if isinstance(t, torch.Tensor)]
-        except FxPruneError as exc:
-            return f"slicing it fails: {str(exc).splitlines()[0]}"
         except Exception as exc:  # noqa: BLE001 - any failure of the trial: cannot slice
             return _failure(exc)
         return _mismatch(got, want)
 
 
 def _failure(exc: Exception) -> str:
+    """The freeze reason of a failed trial: an fxprune error says what failed itself."""
+    if isinstance(exc, FxPruneError):
+        return f"slicing it fails: {str(exc).splitlines()[0]}"
     return f"slicing it fails: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
 

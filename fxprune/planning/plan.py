@@ -163,7 +163,9 @@ class Plan:
         return masks
 
 
-def _model_shapes(model) -> dict[str, tuple[int, ...]]:
+def model_shapes(model) -> dict[str, tuple[int, ...]]:
+    """Shape of every parameter and buffer of a Module (non-persistent buffers too) or an
+    ExportedProgram, by qualified name."""
     exported_cls = getattr(torch.export, "ExportedProgram", None)
     if exported_cls is not None and isinstance(model, exported_cls):
         state = dict(model.state_dict)
@@ -176,7 +178,7 @@ def _model_shapes(model) -> dict[str, tuple[int, ...]]:
 def check_model(model, plan: Plan) -> None:
     """Raise :class:`PlanError` naming the first parameter of ``plan`` that ``model`` lacks or
     has with another shape."""
-    have = _model_shapes(model)
+    have = model_shapes(model)
     for name, shape in plan.param_shapes.items():
         if name.rsplit(".", 1)[-1].startswith("_tensor_constant"):
             continue  # a constant fx lifted out of forward, not a tensor of the model
