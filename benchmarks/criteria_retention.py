@@ -46,11 +46,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import statistics
 import sys
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -102,6 +104,21 @@ def fidelity(model, x, y, n_train: int, dense_logp: torch.Tensor | None) -> dict
         out.update(agree=float((pred == dense_logp.argmax(-1)).float().mean()),
                    kl=max(0.0, float(kl.mean())))  # rounding can give -1e-9 for equal outputs
     return out
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+    warnings.simplefilter("ignore", UserWarning)
+
+
+def _run_task(task) -> list[dict]:
+    """:func:`run_model_seed` in a worker process (``--jobs``), which loads the data itself."""
+    kind, seed, args = task
+    return run_model_seed(kind, seed, load_digits_split(), args, _log)
 
 
 def run_model_seed(kind: str, seed: int, data, args, log) -> list[dict]:
@@ -279,20 +296,34 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--cache", default=str(digits_models.CACHE),
                    help="folder of trained dense models (digits_models.py)")
     p.add_argument("--no-cache", action="store_true", help="train every dense model afresh")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="processes, one (model, seed) each at a time (default: one per core)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = load_digits_split()
     print(f"criteria retention: models {args.models}, {args.seeds} seeds, ratios {args.ratios}, "
-          f"criteria {args.criteria}, heads {args.heads}, {torch.get_num_threads()} thread(s), "
+          f"criteria {args.criteria}, heads {args.heads}, {args.jobs} process(es) of "
+          f"{torch.get_num_threads()} thread(s), "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     start, cpu0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()[0]
+    tasks = [(kind, seed) for kind in args.models for seed in range(args.seeds)]
     rows = []
-    for kind in args.models:
-        for seed in range(args.seeds):
-            rows += run_model_seed(kind, seed, data, args, lambda s: print(s, flush=True))
+    if args.jobs <= 1:
+        for kind, seed in tasks:
+            rows += run_model_seed(kind, seed, data, args, _log)
+    else:
+        # one (model, seed) per task: the prunings of one dense model stay in one process, so
+        # it is loaded once; spawn, not fork, so no worker inherits torch's thread pools
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(args.threads,)) as pool:
+            for part in pool.map(_run_task, [(kind, seed, args) for kind, seed in tasks]):
+                rows += part
+    pruning_seconds = sum(r["seconds"] for r in rows)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
-    meta = {"wall_s": round(elapsed, 1), "cpu_s": round(cpu, 1), "threads": args.threads,
+    meta = {"wall_s": round(elapsed, 1), "cpu_s": round(cpu, 1),
+            "pruning_s": round(pruning_seconds, 1), "jobs": args.jobs, "threads": args.threads,
             "load_average_start": load0, "load_average_end": os.getloadavg()[0],
             "torch": torch.__version__, "argv": sys.argv[1:] if argv is None else list(argv)}
     try:
@@ -308,7 +339,8 @@ def main(argv=None) -> list[dict]:
         plot(rows, args.plot)
     print()
     print(summarize(rows))
-    print(f"total {elapsed:.0f} s wall, {cpu:.0f} s CPU of this process, load average "
+    print(f"total {elapsed:.0f} s wall ({args.jobs} process(es); the prunings took "
+          f"{pruning_seconds:.0f} s in all), {cpu:.0f} s CPU of the main process, load average "
           f"{load0:.1f} at start, {meta['load_average_end']:.1f} at end; rows in {args.out}"
           + (f", plot in {args.plot}" if args.plot else ""))
     return rows

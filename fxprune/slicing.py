@@ -68,6 +68,10 @@ def sizes_from_mask(mask: np.ndarray) -> list[int]:
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim == 0:
         return []
+    per_dim = [int(mask.any(axis=tuple(o for o in range(mask.ndim) if o != d)).sum())
+               for d in range(mask.ndim)]
+    if math.prod(per_dim) == int(mask.sum()):  # a product of per-dim index sets (the usual case)
+        return per_dim
     for d in [mask.ndim - 1] + list(range(mask.ndim - 2, -1, -1)):
         lines = np.moveaxis(mask, d, -1).reshape(-1, mask.shape[d])
         counts = lines.sum(axis=1)
@@ -128,7 +132,7 @@ def new_shape(node: torch.fx.Node, lab_keep: np.ndarray, meta=None, shape=None):
     sizes = sizes_from_mask(mask)
     out = list(shape)
     for d, s in enumerate(mask.shape):
-        if s > 1 or (s == 1 and shape[d] == 1 and False):
+        if s > 1:
             out[d] = sizes[d]
     return tuple(out)
 

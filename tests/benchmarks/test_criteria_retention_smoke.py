@@ -26,7 +26,7 @@ def test_criteria_retention_tiny(tmp_path, one_thread, capsys):
     argv = ["--out", str(out), "--plot", str(png), "--seeds", "1", "--ratios", "0.8", "0.4",
             "--dense-epochs", "1", "--cache", str(cache)]
     # three criteria keep the test short; the second run below covers l1
-    returned = mod.main(argv + ["--criteria", "similarity", "random", "toast"])
+    returned = mod.main(argv + ["--criteria", "similarity", "random", "toast", "--jobs", "1"])
     saved = json.loads(out.read_text())
     assert saved["rows"] == json.loads(json.dumps(returned))
     assert saved["meta"]["wall_s"] > 0 and saved["meta"]["threads"] == 1
@@ -58,13 +58,15 @@ def test_criteria_retention_tiny(tmp_path, one_thread, capsys):
 
     assert "trained vit seed 0" in printed
 
-    # the second run loads the cached dense models (no training): the dense rows are the same
+    # the second run, in two worker processes, loads the cached dense models (no training):
+    # the dense rows are the same, and the rows come back in (model, seed) order
     stamps = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
-    again = mod.main(argv + ["--models", "vit", "--criteria", "l1", "--heads", "channels"])
-    assert "trained" not in capsys.readouterr().out
+    again = mod.main(argv + ["--criteria", "l1", "--heads", "channels", "--jobs", "2"])
+    assert json.loads(out.read_text())["meta"]["jobs"] == 2
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == stamps
     dense_rows = [r for r in again if r["criterion"] == "dense"]
-    assert dense_rows == [r for r in rows if r["model"] == "vit" and r["criterion"] == "dense"]
+    assert dense_rows == [r for r in rows if r["criterion"] == "dense"]
+    assert [r["model"] for r in again] == ["vit"] * 3 + ["flatten"] * 3
     assert {(r["criterion"], r["target"]) for r in again} == {("dense", 1.0), ("l1", 0.8),
                                                              ("l1", 0.4)}
     for r in again:
