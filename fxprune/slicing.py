@@ -190,10 +190,12 @@ def _fix_module_attrs(gm: nn.Module) -> None:
         if isinstance(mod, nn.Linear):
             mod.out_features, mod.in_features = mod.weight.shape
         elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
-            # a depthwise conv may have several outputs per input channel (a multiplier)
+            # a depthwise conv may have several outputs per input channel (a multiplier); a
+            # grouped one keeps its groups (each keeps the same count), even at one channel
             multiplier = max(1, mod.out_channels // mod.groups)
+            depthwise = 1 < mod.groups == mod.in_channels
             mod.out_channels = mod.weight.shape[0]
-            if mod.groups > 1 and mod.weight.shape[1] == 1:
+            if depthwise:
                 mod.groups = mod.in_channels = mod.out_channels // multiplier
             else:
                 mod.in_channels = mod.weight.shape[1] * mod.groups

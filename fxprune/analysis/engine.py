@@ -23,7 +23,12 @@ import torch
 import torch.fx
 
 from fxprune.analysis.fingerprint import check_current, graph_fingerprint
-from fxprune.analysis.grouping import add_members, adopt_member_head_layouts, build_groups
+from fxprune.analysis.grouping import (
+    add_members,
+    adopt_member_head_layouts,
+    adopt_split_layouts,
+    build_groups,
+)
 from fxprune.analysis.head_order import resolve_subset_params, tie_interleaved_heads
 from fxprune.analysis.inputs import graph_to_analyze, warn_opaque
 from fxprune.analysis.propagate import Propagator
@@ -73,6 +78,7 @@ def analyze(gm, example_inputs=None, *, prepare: bool = True) -> Analysis:
     sites = build_sites(gm, prop, comps, groups, group_of_channel)
     add_members(gm, groups, comps, group_of_channel)
     adopt_member_head_layouts(gm, groups, comps)
+    adopt_split_layouts(groups, comps, group_of_channel, prop.store.splits)
     analysis = Analysis(sites, groups, comps, prop.param_comps, prop.param_shapes,
                         [(n.name, w) for n, w in prop.opaque], group_of_channel, graph,
                         prop.param_aliases, graph_fingerprint(gm))

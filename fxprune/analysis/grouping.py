@@ -131,6 +131,51 @@ def adopt_head_layout(group: ChannelGroup, layout: np.ndarray) -> None:
     group.shared_across_heads = len(np.unique(layout)) < layout.size
 
 
+def adopt_split_layouts(groups: list[ChannelGroup], comps: Components,
+                        group_of_channel: np.ndarray, splits) -> None:
+    """Channels an op reads in equal parts (``LabelStore.split``: a grouped convolution) keep
+    the same count in every part. A group without heads that holds such parts takes them as
+    its layout (one row per part); a group with heads keeps them when every part is made of
+    whole heads (equal counts per head then give equal counts per part). Any other group that
+    holds part of them is frozen with the reason: its plan could leave the parts unequal."""
+    for lab, what in splits:
+        ch = comps.channel_of(lab)
+        gid = group_of_channel[ch]
+        for gi in np.unique(gid[gid >= 0]).tolist():
+            group = groups[gi]
+            if group.frozen is not None:
+                continue
+            rows = [r for r in range(ch.shape[0]) if (gid[r] == gi).any()]
+            _, first = np.unique(ch[rows], axis=0, return_index=True)
+            parts = ch[rows][np.sort(first)]
+            why = _split_conflict(group, parts, all((gid[r] == gi).all() for r in rows))
+            if why is not None:
+                group.frozen = f"{what}: {why}"
+            elif group.layout.shape[0] == 1 and len(parts) > 1:
+                group.layout, group.num_heads, group.size = parts, len(parts), parts.shape[1]
+                group.shared_across_heads = False
+
+
+def _split_conflict(group: ChannelGroup, parts: np.ndarray, whole_rows: bool) -> str | None:
+    """Why ``group`` cannot keep equal counts in ``parts`` (None when it can)."""
+    if not whole_rows:
+        return "one part holds channels of several channel groups"
+    if any(len(np.unique(row)) < len(row) for row in parts):
+        return "a part holds one channel twice"
+    if len(parts) == 1:
+        return None
+    if group.layout.shape[0] == 1:
+        if set(parts.ravel().tolist()) != set(group.layout.ravel().tolist()):
+            return "the channel group also holds channels outside the parts"
+        return None
+    heads = [set(row.tolist()) for row in group.layout]
+    for part in parts:
+        members = set(part.tolist())
+        if set().union(*[h for h in heads if h & members]) != members:
+            return f"its parts cut across the group's {len(heads)} heads"
+    return None
+
+
 def group_at(layout: np.ndarray, group_of_channel: np.ndarray) -> int | None:
     gs = np.unique(group_of_channel[layout])
     gs = gs[gs >= 0]

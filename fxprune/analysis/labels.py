@@ -66,6 +66,9 @@ class LabelStore:
         # (activation labels, parameter labels, activation span, parameter span): a parameter
         # broadcast over part of an activation's channel dims, resolved by head_order
         self.subset_params: list[tuple[np.ndarray, np.ndarray, tuple, tuple]] = []
+        # (labels (parts, per part), what): channels an op reads in equal parts (a grouped
+        # convolution); resolved into group layouts by grouping.adopt_split_layouts
+        self.splits: list[tuple[np.ndarray, str]] = []
 
     def fresh(self, shape) -> np.ndarray:
         n = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
@@ -119,6 +122,11 @@ class LabelStore:
         lab = np.asarray(lab).ravel().copy()
         log.debug("freeze %d channel labels: %s", lab.size, reason)
         self.frozen.append((lab, reason))
+
+    def split(self, lab: np.ndarray, what: str) -> None:
+        """The channels of ``lab`` (shape ``(parts, per part)``) are read part by part by an
+        op that needs the same count kept in every part (``what`` says which op)."""
+        self.splits.append((np.asarray(lab).copy(), what))
 
     def mark(self, lab: np.ndarray, kind: str) -> None:
         self.kind_marks.append((np.asarray(lab).ravel().copy(), kind))

@@ -17,7 +17,7 @@ from fxprune.analysis.labels import Comp
 from fxprune.analysis.layout import comp_to_letters
 from fxprune.analysis.rules.common import out_shape, unknown
 from fxprune.analysis.rules.registry import rule
-from fxprune.analysis.values import LETTERS, TV, RawSite, align_ndim, shape_of
+from fxprune.analysis.values import LETTERS, TV, RawSite, Sink, align_ndim, shape_of
 from fxprune.ops import op_name
 
 if TYPE_CHECKING:
@@ -303,8 +303,13 @@ def conv(p: Propagator, node, x_arg, w: TV | None, b: TV | None, groups: int) ->
                 comps = [Comp(r, (1,), True)]
         head = TV(comps, (x.shape[0], cin), x.soft)
     else:
-        p.freeze(x, f"grouped convolution (groups={groups})")
-        head = p.plain((x.shape[0], shape_out[1]))
+        head = grouped_conv(p, x, w, groups)
+        if head is None:
+            p.freeze(x, f"grouped convolution (groups={groups}) with a weight or input "
+                     "fxprune cannot read per group")
+            # contracted here all the same: their group exists and shows why it is dense
+            p.sinks += [Sink(node, 0, c, "conv") for c in x.comps if 1 in c.span]
+            head = p.plain((x.shape[0], shape_out[1]))
     comps = [Comp(c.lab.reshape(c.lab.shape + (1,) * extra), c.span, c.soft) for c in head.comps]
     out = TV(comps, shape_out, x.soft and head.soft)
     if b is not None:
@@ -315,6 +320,59 @@ def conv(p: Propagator, node, x_arg, w: TV | None, b: TV | None, groups: int) ->
     if rows:
         p.sources.append((node, rows[0].lab))
     return out
+
+
+def grouped_conv(p: Propagator, x: TV, w: TV, groups: int) -> TV | None:
+    """A convolution with ``groups`` > 1 that is not depthwise: output channel ``o`` reads
+    only the input channels of its group ``o // (Cout / groups)``. It is read as a contraction
+    of the input seen as ``(batch, group, in per group)`` with the weight seen as ``(group,
+    out per group, in per group)``: the group is a batch letter, like heads, so the channels
+    of one group are one head on both sides. The weight's input dim gets labels per (group,
+    column) and its rows labels per row; both are registered on the parameter. A group of
+    channels that holds either side keeps the same count in every convolution group
+    (:func:`fxprune.analysis.grouping.adopt_split_layouts`), so ``groups`` still divides the
+    sliced widths and every kept row still reads its own group's inputs. Returns the
+    ``(batch, out)`` value, or None where the weight is not a plain parameter, the input's
+    channels are not on dim 1 alone or the conv is depthwise with a channel multiplier (the
+    caller then freezes)."""
+    cout, cin_g = (w.shape[0], w.shape[1]) if w.ndim >= 2 else (0, 0)
+    cin = x.shape[1] if x.ndim > 1 else 0
+    if (w.param is None or tuple(w.param[1]) != tuple(range(w.ndim)) or cout % groups
+            or cin != groups * cin_g or cin_g < 2 or any(c.span != (1,) for c in x.comps)):
+        return None  # cin_g 1: depthwise with a channel multiplier, whose groups follow cin
+    name = w.param[0]
+    cout_g, nd = cout // groups, w.ndim
+    rows = p.factor_labels.get((name, 0))
+    if rows is None:
+        rows = p.store.fresh((cout,))
+        p.factor_labels[(name, 0)] = rows
+        p.param_comps.setdefault(name, []).append(
+            Comp(rows.reshape((cout,) + (1,) * (nd - 1)), (0,), soft=True))
+    cols = p.factor_labels.get((name, ("per group", 1)))
+    if cols is None:
+        cols = p.store.fresh((groups, cin_g))
+        p.factor_labels[(name, ("per group", 1))] = cols
+        full = np.repeat(cols, cout_g, axis=0).reshape((cout, cin_g) + (1,) * (nd - 2))
+        p.param_comps.setdefault(name, []).append(Comp(full, (0, 1), soft=True))
+    x_view = TV([Comp(c.lab.reshape(1, groups, cin_g), (1, 2), c.soft) for c in x.comps],
+                (x.shape[0], groups, cin_g), x.soft)
+    w_view = TV([Comp(rows.reshape(groups, cout_g, 1), (0, 1), True),
+                 Comp(cols.reshape(groups, 1, cin_g), (0, 2), True)],
+                (groups, cout_g, cin_g), True)
+    n_sinks = len(p.sinks)
+    out = p.contract([(x_view, "bgk"), (w_view, "gZk")], "bgZ", sink_args=[0, None],
+                     sink_kind="conv")
+    for sink in p.sinks[n_sinks:]:  # gates and members see the input as it is, (B, C, ...)
+        sink.comp = Comp(sink.comp.lab.reshape(x.comps[0].lab.shape) if x.comps else
+                         sink.comp.lab, (1,), sink.comp.soft)
+    for c in x.comps:
+        p.store.split(c.lab.reshape(groups, cin_g), f"grouped convolution (groups={groups}) "
+                      f"input at {p.current.name}")
+    p.store.split(rows.reshape(groups, cout_g), f"grouped convolution (groups={groups}) "
+                  f"output at {p.current.name}")
+    comps = [Comp(c.lab.reshape(1, cout), (1,), c.soft) for c in out.comps
+             if c.lab.size == cout]
+    return TV(comps, (x.shape[0], cout), x.soft)
 
 
 def _first2(w: TV) -> TV:
