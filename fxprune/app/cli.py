@@ -15,7 +15,7 @@ Subcommands::
 Errors fxprune raises on purpose (:class:`fxprune.errors.FxPruneError`) are printed as one
 paragraph on stderr with exit status 2; ``--debug`` adds the traceback. ``prune`` prints
 what it could not prune (frozen groups and why); with ``--strict`` a missed MACs target
-exits with status 3 (``EXIT_TARGET_MISSED``). Anything else is a bug
+exits with status 3 (``EXIT_TARGET_MISSED``) and writes nothing to ``--out``. Anything else is a bug
 and shows its traceback.
 
 Example:
@@ -212,7 +212,9 @@ def cmd_prune(args) -> int:
     after = fxprune.count_macs(pruned, x)
     plan = pruned.meta.get(PLAN_KEY, {}) if hasattr(pruned, "meta") else {}
     rows = plan_rows(model, plan)
-    saved = _save(pruned, x, args.out) if args.out else None
+    missed = _strict_missed(args, pruned)
+    # under --strict a missed target is a failed run: no artifact a pipeline could ship
+    saved = _save(pruned, x, args.out) if args.out and not missed else None
     if args.json:
         _print_json({"model": args.model,
                      "input_shape": [list(t.shape) for t in _as_tuple(x)],
@@ -241,14 +243,22 @@ def cmd_prune(args) -> int:
     return _strict_status(args, pruned)
 
 
-def _strict_status(args, pruned) -> int:
-    """0, or ``EXIT_TARGET_MISSED`` under ``--strict`` when the target was missed."""
+def _strict_missed(args, pruned) -> bool:
+    """``--strict`` is set and the MACs target was missed."""
     report = getattr(pruned, "meta", {}).get(REPORT_KEY) or {}
-    if getattr(args, "strict", False) and report.get("target_met") is False:
+    return bool(getattr(args, "strict", False) and report.get("target_met") is False)
+
+
+def _strict_status(args, pruned) -> int:
+    """0, or ``EXIT_TARGET_MISSED`` under ``--strict`` when the target was missed (nothing
+    was then written to ``--out``)."""
+    if _strict_missed(args, pruned):
         from fxprune.planning.report import report_blockers
 
+        report = pruned.meta[REPORT_KEY]
         print(f"{PROG}: error: MACs target {args.macs_ratio:g} missed (reached "
-              f"{report['reached']}); blocked by: {report_blockers(report)}", file=sys.stderr)
+              f"{report['reached']}); blocked by: {report_blockers(report)}"
+              + (f"; nothing written to {args.out}" if args.out else ""), file=sys.stderr)
         return EXIT_TARGET_MISSED
     return 0
 
@@ -361,7 +371,8 @@ def _add_prune(sub, common) -> None:
                    help="parameter-name glob (e.g. 'blocks.0.*'): every channel group coupled "
                    "to a matching parameter stays dense (repeatable)")
     p.add_argument("--strict", action="store_true",
-                   help=f"a missed MACs target is an error (exit status {EXIT_TARGET_MISSED})")
+                   help=f"a missed MACs target is an error (exit status {EXIT_TARGET_MISSED}, "
+                   "nothing written to --out)")
     p.set_defaults(func=cmd_prune)
 
 

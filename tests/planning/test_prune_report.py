@@ -153,9 +153,13 @@ def test_cli_prints_the_report_and_strict_fails_a_missed_target(tmp_path, capsys
     rc = main(["prune", spec, "--macs-ratio", "0.3", "--criterion", "l1"])
     out, _ = capsys.readouterr()
     assert rc == 0 and "target missed; blocked by: group" in out and "LayerNorm" in out
-    rc = main(["prune", spec, "--macs-ratio", "0.3", "--criterion", "l1", "--strict"])
+    out_dir = tmp_path / "pruned"
+    rc = main(["prune", spec, "--macs-ratio", "0.3", "--criterion", "l1", "--strict",
+               "--out", str(out_dir)])
     out, err = capsys.readouterr()
     assert rc == EXIT_TARGET_MISSED == 3 and "MACs target 0.3 missed" in err
+    # a failed strict run ships nothing
+    assert f"nothing written to {out_dir}" in err and not out_dir.exists()
     rc = main(["prune", spec, "--macs-ratio", "0.8", "--criterion", "l1", "--strict",
                "--json"])
     out, _ = capsys.readouterr()
