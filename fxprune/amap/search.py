@@ -109,12 +109,7 @@ def search(model, train_loader, example_inputs, config: SearchConfig | None = No
            eval_loader=None, loss_fn=None, **overrides) -> SearchResult:
     """Train indicators and weights together to ``macs_ratio`` (see the module docstring)."""
     from fxprune.amap.deploy import deployable_masks, pin_indicators, unit_keep
-    from fxprune.amap.macs_model import MacsModel
-    from fxprune.analysis.engine import analyze
-    from fxprune.passbase import copy_graph_module
     from fxprune.passes.insert_indicators import InsertIndicators, indicator_modules
-    from fxprune.pipeline import prepare
-    from fxprune.tracing import trace
 
     config = dataclasses.replace(config or SearchConfig(), **overrides)
     if not 0.0 < config.macs_ratio <= 1.0:
@@ -122,6 +117,38 @@ def search(model, train_loader, example_inputs, config: SearchConfig | None = No
     example = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
     _first_batch(train_loader, example, WHERE)
     torch.manual_seed(config.seed)
+    gm, analysis, macs_model = _searchable_graph(model, example, config)
+    init_scores, init_report = {}, {}
+    if config.linear_init:
+        init_scores, init_report = _linear_init_scores(gm, analysis, train_loader, config)
+    gated = InsertIndicators(tau=config.tau, similarity=config.similarity, sync=config.sync,
+                             inplace=True)(gm).graph_module
+    indicators = indicator_modules(gated)
+    if init_scores:
+        _start_from_scores(gated, analysis, indicators, init_scores, config)
+    history = _train(gated, analysis, indicators, macs_model, train_loader, eval_loader,
+                     loss_fn or nn.CrossEntropyLoss(), config)
+    gated.eval()
+    # the searched counts, rounded to align and paired for SDPA (fxprune/amap/deploy.py)
+    masks = deployable_masks(analysis, indicators, macs_model.units, config.align,
+                             config.match_qk_v)
+    final_keep = unit_keep(masks, analysis, macs_model.units)
+    pin_indicators(indicators, final_keep)  # the gated model computes what gets sliced
+    with torch.no_grad():
+        final = float(macs_model(final_keep))
+    return SearchResult(gated, analysis, masks, history, config, final / macs_model.dense,
+                        init_report)
+
+
+def _searchable_graph(model, example, config: SearchConfig):
+    """The traced, prepared and analysed graph, and its MACs model; a typed error when it has
+    nothing to prune or cannot reach ``config.macs_ratio``."""
+    from fxprune.amap.macs_model import MacsModel
+    from fxprune.analysis.engine import analyze
+    from fxprune.passbase import copy_graph_module
+    from fxprune.pipeline import prepare
+    from fxprune.tracing import trace
+
     gm, _ = prepare(copy_graph_module(trace(model, example)))
     analysis = analyze(gm)
     if not any(g.prunable for g in analysis.groups):
@@ -134,23 +161,11 @@ def search(model, train_loader, example_inputs, config: SearchConfig | None = No
                         f"unit per head in every prunable group still costs {lowest:.3f} of "
                         "the dense MACs (frozen groups stay dense)",
                         hint=f"use macs_ratio >= {math.ceil(lowest * 100) / 100}")
-    init_scores, init_report = {}, {}
-    if config.linear_init:
-        init_scores, init_report = _linear_init_scores(gm, analysis, train_loader, config)
-    gated = InsertIndicators(tau=config.tau, similarity=config.similarity, sync=config.sync,
-                             inplace=True)(gm).graph_module
-    indicators = indicator_modules(gated)
-    if init_scores:
-        _start_from_scores(gated, analysis, indicators, init_scores, config)
-    train_module = gated
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        train_module = nn.parallel.DistributedDataParallel(gated)
-    ind_params = [p for ind in indicators.values() for p in ind.parameters()]
-    ind_ids = {id(p) for p in ind_params}
-    weights = [p for p in gated.parameters() if id(p) not in ind_ids and p.requires_grad]
-    opt = torch.optim.AdamW([
-        {"params": weights, "lr": config.lr, "weight_decay": config.weight_decay},
-        {"params": ind_params, "lr": config.indicator_lr, "weight_decay": 0.0}])
+    return gm, analysis, macs_model
+
+
+def _total_steps(train_loader, config: SearchConfig) -> int:
+    """Optimizer steps of the search: ``epochs`` over the loader, capped by ``max_steps``."""
     try:
         total = config.epochs * max(1, len(train_loader))
     except TypeError:  # an iterable loader without a length: max_steps bounds the run
@@ -158,10 +173,37 @@ def search(model, train_loader, example_inputs, config: SearchConfig | None = No
             raise InputError(WHERE, "the data loader has no length",
                              hint="pass max_steps=... to bound the search") from None
         total = config.max_steps
-    if config.max_steps:
-        total = min(total, config.max_steps)
-    base = [config.lr, config.indicator_lr]
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    return min(total, config.max_steps) if config.max_steps else total
+
+
+def _optimizer(gated, indicators, config: SearchConfig) -> torch.optim.Optimizer:
+    """AdamW over the weights (``lr``, weight decay) and the indicators (``indicator_lr``, no
+    decay), in that order of parameter groups."""
+    ind_params = [p for ind in indicators.values() for p in ind.parameters()]
+    ind_ids = {id(p) for p in ind_params}
+    weights = [p for p in gated.parameters() if id(p) not in ind_ids and p.requires_grad]
+    return torch.optim.AdamW([
+        {"params": weights, "lr": config.lr, "weight_decay": config.weight_decay},
+        {"params": ind_params, "lr": config.indicator_lr, "weight_decay": 0.0}])
+
+
+def _set_cosine_lr(opt, step: int, total: int, config: SearchConfig) -> None:
+    """Cosine decay of both groups' rates to ``lr_min / lr`` of their start."""
+    frac = 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
+    floor = config.lr_min / config.lr if config.lr > 0 else 0.0  # lr=0 freezes weights
+    for group, lr0 in zip(opt.param_groups, (config.lr, config.indicator_lr)):
+        group["lr"] = floor * lr0 + (lr0 - floor * lr0) * frac
+
+
+def _train(gated, analysis, indicators, macs_model, train_loader, eval_loader, loss_fn,
+           config: SearchConfig) -> list[dict]:
+    """The search's training loop: task loss plus ``macs_weight * |MACs ratio - target|``;
+    one history record per epoch."""
+    train_module = gated
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        train_module = nn.parallel.DistributedDataParallel(gated)
+    opt = _optimizer(gated, indicators, config)
+    total = _total_steps(train_loader, config)
     history: list[dict] = []
     step = 0
     bar = _progress(total, config.progress)
@@ -175,10 +217,7 @@ def search(model, train_loader, example_inputs, config: SearchConfig | None = No
             x, y = batch[0], batch[1]
             if config.similarity and step % config.similarity_every == 0:
                 refresh_similarity(gated, analysis, indicators)
-            frac = 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
-            floor = config.lr_min / config.lr if config.lr > 0 else 0.0  # lr=0 freezes weights
-            for group, lr0 in zip(opt.param_groups, base):
-                group["lr"] = floor * lr0 + (lr0 - floor * lr0) * frac
+            _set_cosine_lr(opt, step, total, config)
             out = train_module(x)
             task = loss_fn(out, y)
             keep = {g: ind.keep() for g, ind in indicators.items()}
@@ -205,16 +244,7 @@ def search(model, train_loader, example_inputs, config: SearchConfig | None = No
             break
     if bar is not None:
         bar.close()
-    gated.eval()
-    # the searched counts, rounded to align and paired for SDPA (fxprune/amap/deploy.py)
-    masks = deployable_masks(analysis, indicators, macs_model.units, config.align,
-                             config.match_qk_v)
-    final_keep = unit_keep(masks, analysis, macs_model.units)
-    pin_indicators(indicators, final_keep)  # the gated model computes what gets sliced
-    with torch.no_grad():
-        final = float(macs_model(final_keep))
-    return SearchResult(gated, analysis, masks, history, config, final / macs_model.dense,
-                        init_report)
+    return history
 
 
 def _linear_init_scores(gm, analysis, loader, config):
