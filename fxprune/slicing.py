@@ -227,6 +227,8 @@ def rewrite_constants(gm: torch.fx.GraphModule, analysis, lab_keep: np.ndarray,
             _rewrite_narrow(node, name, lab_keep, changes)
         elif name in ("conv1d", "conv2d", "conv3d", "convolution"):
             _rewrite_conv_groups(node, name, lab_keep, changes)
+        elif name == "mean":
+            _rescale_mean(gm, node, lab_keep, changes)
     for node in list(gm.graph.nodes):
         # every SDPA, site or not (q or k may come from parameters only): its implicit scale
         # 1/sqrt(head dim) must stay the original one
@@ -242,6 +244,31 @@ def rewrite_constants(gm: torch.fx.GraphModule, analysis, lab_keep: np.ndarray,
             node.kwargs = {**node.kwargs, "scale": scale}
             changes.append(f"{node.name}: pass the original scale {scale:.6g} explicitly (q/k "
                            "head dim changed)")
+
+
+def _rescale_mean(gm, node, lab_keep, changes) -> None:
+    """A mean over channels that lose entries keeps dividing by the ORIGINAL count: the masked
+    model averages zeros in their place (RMSNorm's ``x.pow(2).mean(channels)``), so the sliced
+    mean is scaled by ``kept / original``."""
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    if not isinstance(x, torch.fx.Node) or len(node.users) == 0:
+        return
+    old, new = x.meta.get(SHAPE_KEY), new_shape(x, lab_keep)
+    if old is None or new is None:
+        return
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if isinstance(dims, int):
+        dims = [dims]
+    dims = range(len(old)) if not dims else [d % len(old) for d in dims]
+    before, after = math.prod(old[d] for d in dims), math.prod(new[d] for d in dims)
+    if before == after:
+        return
+    with gm.graph.inserting_after(node):
+        scaled = gm.graph.call_function(torch.mul, (node, after / before))
+    node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+    scaled.meta.update({k: v for k, v in node.meta.items() if k != "stack_trace"})
+    changes.append(f"{node.name}: mean over {after} of {before} entries, scaled by "
+                   f"{after}/{before} (the masked model averages zeros in their place)")
 
 
 def _rewrite_conv_groups(node, name, lab_keep, changes) -> None:

@@ -202,9 +202,11 @@ def _sdpa(p: Propagator, node) -> Any:
     v_arg = v_arg if v_arg is not None else node.kwargs.get("value")
     qs, ks, vs = shape_of(q_arg), shape_of(k_arg), shape_of(v_arg)
     mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-    if qs is None or ks is None or vs is None or qs[:-2] != ks[:-2] or ks[:-1] != vs[:-1]:
-        return unknown(p, node, "scaled_dot_product_attention with broadcast or grouped "
-                             "heads")
+    if qs is None or ks is None or vs is None or len(qs) != len(ks) or ks[:-1] != vs[:-1] or \
+            any(b not in (1, a) for a, b in zip(qs[:-2], ks[:-2])):
+        # k/v batch dims equal to q's or broadcast (size 1: multi-query attention); grouped
+        # k/v heads (enable_gqa) pair q head i with k/v head i // group, which is not read
+        return unknown(p, node, "scaled_dot_product_attention with grouped heads")
     nb = len(qs) - 2
     batch = LETTERS[:nb]
     q, k, v = p.tv(q_arg), p.tv(k_arg), p.tv(v_arg)

@@ -36,8 +36,9 @@ def _reduce_args(node, name):
 
 def _zero_safe(name: str, order) -> bool:
     """A reduction whose result ignores entries that are exactly zero: masking its input
-    equals removing those entries (sum, p-norms with p > 0)."""
-    if name in ("sum", "nansum"):
+    equals removing those entries (sum, p-norms with p > 0; a mean too, as the slicer keeps
+    its original divisor: see ``fxprune.slicing``)."""
+    if name in ("sum", "nansum", "mean"):
         return True
     if name in _NORMS:
         if order is None or order == "fro":
@@ -48,8 +49,9 @@ def _zero_safe(name: str, order) -> bool:
 
 def reduce(p: Propagator, node, name) -> Any:
     """Reductions. One over all of a comp's channel dims that ignores zeros (a sum, a norm, as
-    in focused linear attention's norm over all channels) is a sink: gating its input equals
-    removing the channels. Any other reduction over channels freezes them."""
+    in focused linear attention's norm over all channels; a mean, whose divisor the slicer
+    keeps, as in RMSNorm's mean of squares) is a sink: gating its input equals removing the
+    channels. Any other reduction over channels freezes them."""
     x = p.tv(node.args[0])
     val = node.meta.get("val")
     if x is None:
