@@ -26,7 +26,7 @@ from fxprune.tracing import trace
 __all__ = [
     "AnalysisError", "FxPruneError", "InputError", "MissingShapesError", "PassOrderError",
     "PlanError", "SliceError", "TraceError", "trace", "prepare", "analyze", "count_macs", "prune",
-    "Plan", "apply_plan", "zeroed_copy", "save", "load",
+    "Pruner", "Plan", "apply_plan", "zeroed_copy", "save", "load",
 ]
 
 
@@ -40,9 +40,9 @@ def __getattr__(name):  # lazy: keep `import fxprune` cheap and free of import c
     if name == "count_macs":
         from fxprune.macs import count_macs
         return count_macs
-    if name == "prune":
-        from fxprune.planning.oneshot import prune
-        return prune
+    if name in ("prune", "Pruner"):
+        from fxprune.planning import oneshot
+        return getattr(oneshot, name)
     if name in ("Plan", "apply_plan", "zeroed_copy"):
         from fxprune.planning import plan
         return getattr(plan, name)

@@ -29,15 +29,10 @@ from fxprune.analysis.engine import analyze
 from fxprune.errors import InputError, PlanError, SliceError
 from fxprune.macs import count_macs
 from fxprune.meta import (
-    ANALYSIS_FINGERPRINT_KEY,
-    ANALYSIS_KEY,
     CRITERION_KEY,
     DENSE_MACS_KEY,
-    FIXED_SIZES_KEY,
-    INPUT_SHAPES_KEY,
     MACS_RATIO_KEY,
     PLAN_DATA_KEY,
-    PLAN_KEY,
     REPORT_KEY,
     SUMMARY_KEY,
 )
@@ -45,6 +40,14 @@ from fxprune.planning.allocation import Kept, allocate, keep_masks
 from fxprune.planning.criteria import CRITERIA, channel_scores
 from fxprune.planning.freeze import as_inputs, freeze_unsliceable, unsliceable
 from fxprune.planning.plan import Plan
+from fxprune.planning.pruned import (
+    dense_copy,
+    note_fixed_sizes,
+    own_tensors,
+    restrict_plan_to_model,
+    storages_of,
+    summary_rows,
+)
 from fxprune.planning.report import prune_report, report_blockers
 from fxprune.tracing import trace
 
@@ -78,6 +81,157 @@ class PrunePlan:
     dense_macs: int
 
 
+class Pruner:
+    """A model traced, prepared and analysed once, to plan or prune at many targets.
+
+    Tracing, preparation, analysis and the freeze step's trial slices depend on the model,
+    its example inputs, ``prepare``, ``dense_sites`` and ``keep_dense`` only; every
+    :meth:`prune` / :meth:`plan` then scores, allocates and slices a fresh copy of the graph.
+    ``pruner.prune(r, ...)`` returns what ``fxprune.prune(model, x, r, ...)`` returns (same
+    plan, same weights), at a fraction of the cost from the second call on: a sweep over
+    ratios or criteria pays for one trace. The model's tensors are shared until a call slices;
+    pruned models never share memory with the model or with each other. Change the model's
+    parameters in place and the cached freeze decisions may no longer hold: build a new Pruner.
+
+    Example:
+        >>> import torch, fxprune
+        >>> from fxprune.models.reference import tiny_vit
+        >>> _ = torch.manual_seed(0)
+        >>> model, x = tiny_vit(), torch.randn(1, 3, 32, 32)
+        >>> pruner = fxprune.Pruner(model, x)
+        >>> [round(pruner.prune(r, criterion="l1", align=4).meta["fxprune.macs_ratio"], 1)
+        ...  for r in (0.8, 0.6)]
+        [0.8, 0.6]
+    """
+
+    def __init__(self, model, example_inputs, *, prepare: bool = True,
+                 dense_sites: tuple[int, ...] = (), keep_dense: tuple[str, ...] = ()):
+        self.model, self.example_inputs = model, example_inputs
+        self.prepare, self.dense_sites = prepare, tuple(dense_sites)
+        self.keep_dense = (keep_dense,) if isinstance(keep_dense, str) else tuple(keep_dense)
+        self._graph, self._analysis, self._dense_macs, self._prunable = self._build()
+
+    def _build(self):
+        """The prepared graph (sharing the model's tensors), its analysis with the groups
+        the slicer cannot slice frozen, its dense MACs and its prunable group indices."""
+        from fxprune.passbase import copy_graph_module
+
+        # fx shares submodules with the model it traced: own them before slicing in place
+        gm = copy_graph_module(trace(self.model, self.example_inputs), share_tensors=True)
+        if self.prepare:
+            from fxprune.pipeline import prepare as run_prepare
+
+            gm, _ = run_prepare(gm)
+        analysis = analyze(gm)
+        dense = count_macs(gm)
+        dense_groups = {gi for i in self.dense_sites if 0 <= i < len(analysis.attention)
+                        for gi in (analysis.attention[i].qk_group,
+                                   analysis.attention[i].v_group)}
+        dense_groups |= groups_of_params(analysis, self.keep_dense)
+        prunable = [g.index for g in analysis.groups
+                    if g.prunable and g.index not in dense_groups]
+        # a group the slicer cannot slice exactly stays dense (frozen with the reason)
+        freeze_unsliceable(gm, analysis, prunable, as_inputs(self.example_inputs))
+        return gm, analysis, dense, [gi for gi in prunable if analysis.groups[gi].frozen is None]
+
+    def plan(self, macs_ratio: float = 0.7, criterion: str = "similarity", align: int = 8,
+             seed: int = 0, heads: str = "channels", match_qk_v: bool | None = None
+             ) -> PrunePlan:
+        """What :meth:`prune` would keep (see :func:`prune` for the arguments), on a copy of
+        the prepared graph that owns its tensors."""
+        return self._decide(macs_ratio, criterion, align, seed, heads, match_qk_v,
+                            share_tensors=False)
+
+    def prune(self, macs_ratio: float = 0.7, criterion: str = "similarity", align: int = 8,
+              seed: int = 0, heads: str = "channels", match_qk_v: bool | None = None
+              ) -> torch.fx.GraphModule:
+        """The pruned model (see :func:`prune` for the arguments and what it carries)."""
+        return self._prune(macs_ratio, criterion, align, seed, heads, match_qk_v, stacklevel=3)
+
+    def _decide(self, macs_ratio, criterion, align, seed, heads, match_qk_v, *,
+                share_tensors: bool, base=None) -> PrunePlan:
+        from fxprune.passbase import copy_graph_module
+
+        _validate(macs_ratio, criterion, align)
+        base_gm, analysis, dense, prunable = base or (
+            self._graph, self._analysis, self._dense_macs, self._prunable)
+        if not prunable:
+            reasons = sorted({g.frozen for g in analysis.groups if g.frozen})
+            raise PlanError(WHERE, "the analysis found no prunable channel group"
+                            + (f" (frozen: {'; '.join(reasons[:3])})" if reasons else ""),
+                            hint="print(fxprune.analyze(fxprune.trace(model, x))) shows why")
+        if heads not in ("channels", "whole"):
+            raise InputError(WHERE, f"heads must be 'channels' or 'whole', got {heads!r}")
+        gm = copy_graph_module(base_gm, share_tensors=share_tensors)
+        groups = [analysis.groups[gi] for gi in prunable]
+        scores = channel_scores(gm, analysis, criterion, seed=seed, groups=groups)
+        ids = set(prunable)
+        whole = ()
+        if heads == "whole":
+            whole = tuple(s.index for s in analysis.attention
+                          if s.qk_group in ids and s.v_group in ids
+                          and analysis.groups[s.heads_group].frozen is None
+                          and not analysis.groups[s.qk_group].shared_across_heads
+                          and not analysis.groups[s.v_group].shared_across_heads)
+        paired = tuple(s.index for s in analysis.attention
+                       if s.index not in whole and s.qk_group in ids and s.v_group in ids
+                       and (match_qk_v if match_qk_v is not None else s.uses_sdpa))
+        kept = allocate(gm, analysis, scores, float(macs_ratio) * dense, dense, align, whole,
+                        paired)
+        return PrunePlan(gm, analysis, scores, kept, keep_masks(analysis, scores, kept), dense)
+
+    def _prune(self, macs_ratio, criterion, align, seed, heads, match_qk_v, *,
+               stacklevel: int) -> torch.fx.GraphModule:
+        from fxprune.passes.slice import Slice
+
+        # the plan's graph shares the model's tensors: copying them all up front would be
+        # wasted on the pruned ones, which slicing replaces; the others are copied after it
+        decided = self._decide(macs_ratio, criterion, align, seed, heads, match_qk_v,
+                               share_tensors=True)
+        gm, analysis, masks, dense = (decided.graph_module, decided.analysis, decided.masks,
+                                      decided.dense_macs)
+        shared = storages_of(gm)
+        try:
+            result = Slice(keep=masks, inplace=True)(gm) if masks else None
+        except SliceError:
+            # the planned masks fail where the trial ones passed: plan again on a graph of
+            # its own, leave the groups that fail with their planned masks dense (frozen,
+            # in the report); the cached analysis stays as it was
+            decided = self._decide(macs_ratio, criterion, align, seed, heads, match_qk_v,
+                                   share_tensors=True, base=self._build())
+            gm, analysis, masks = decided.graph_module, decided.analysis, decided.masks
+            shared = storages_of(gm)
+            for gi, why in unsliceable(gm, analysis, masks,
+                                       as_inputs(self.example_inputs)).items():
+                analysis.groups[gi].frozen = f"{why} (with its planned mask)"
+                del masks[gi]
+            result = Slice(keep=masks, inplace=True)(gm) if masks else None
+        pruned = result.graph_module if result is not None else dense_copy(gm)
+        # nothing the pruned model holds is shared with the model, the cached graph or
+        # another pruned model (preparation creates tensors of its own, e.g. split q/k/v)
+        own_tensors(pruned, shared)
+        restrict_plan_to_model(pruned, self.model)
+        reached = count_macs(pruned) / dense
+        pruned.meta[MACS_RATIO_KEY] = round(reached, 4)
+        pruned.meta[DENSE_MACS_KEY] = dense
+        pruned.meta[CRITERION_KEY] = criterion
+        pruned.meta[SUMMARY_KEY] = summary_rows(analysis, masks)
+        if PLAN_DATA_KEY not in pruned.meta:  # nothing was sliced: an empty plan
+            shapes = {n: list(t.shape) for n, t in pruned.state_dict().items()}
+            pruned.meta[PLAN_DATA_KEY] = Plan.from_slice(gm, analysis, {}, {}, shapes)
+        pruned.meta[PLAN_DATA_KEY].info.update(macs_ratio=round(reached, 4),
+                                               dense_macs=int(dense), criterion=criterion,
+                                               align=align)
+        note_fixed_sizes(gm, pruned, stacklevel=stacklevel + 1)
+        pruned.meta[REPORT_KEY] = report = prune_report(analysis, masks, macs_ratio, reached)
+        if not report["target_met"]:
+            warnings.warn(f"fxprune.prune: reached macs_ratio {reached:.3f}, above the target "
+                          f"{macs_ratio} (the unfrozen groups cannot go lower at "
+                          f"align={align}); frozen groups stay dense: "
+                          f"{report_blockers(report)}", stacklevel=stacklevel)
+        return pruned
+
+
 def plan(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "similarity",
          align: int = 8, seed: int = 0, prepare: bool = True,
          dense_sites: tuple[int, ...] = (), heads: str = "channels",
@@ -91,56 +245,10 @@ def plan(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simil
         >>> sorted({p.analysis.groups[g].kind for g in p.masks})
         ['mlp', 'qk', 'v']
     """
-    return _plan(model, example_inputs, macs_ratio, criterion, align, seed, prepare,
-                 dense_sites, heads, match_qk_v, keep_dense=keep_dense)
-
-
-def _plan(model, example_inputs, macs_ratio, criterion, align, seed, prepare, dense_sites,
-          heads, match_qk_v, share_params: bool = False, keep_dense=()) -> PrunePlan:
-    """:func:`plan`; with ``share_params`` the returned graph's modules are its own but its
-    parameters and buffers are still the model's (:func:`prune` slices, then copies only the
-    ones slicing did not replace: see :func:`_own_tensors`)."""
     _validate(macs_ratio, criterion, align)
-    gm = trace(model, example_inputs)
-    # fx shares submodules with the model it traced: own them before slicing in place
-    gm = _own_copy(gm, share_params=share_params)
-    if prepare:
-        from fxprune.pipeline import prepare as run_prepare
-
-        gm, _ = run_prepare(gm)
-    analysis = analyze(gm)
-    dense = count_macs(gm)
-    dense_groups = {gi for i in dense_sites if 0 <= i < len(analysis.attention)
-                    for gi in (analysis.attention[i].qk_group, analysis.attention[i].v_group)}
-    dense_groups |= groups_of_params(analysis, keep_dense)
-    prunable = [g for g in analysis.groups if g.prunable and g.index not in dense_groups]
-    # a group the slicer cannot slice exactly stays dense (frozen with the reason)
-    freeze_unsliceable(gm, analysis, [g.index for g in prunable], as_inputs(example_inputs))
-    prunable = [g for g in prunable if g.frozen is None]
-    if not prunable:
-        reasons = sorted({g.frozen for g in analysis.groups if g.frozen})
-        raise PlanError(WHERE, "the analysis found no prunable channel group"
-                        + (f" (frozen: {'; '.join(reasons[:3])})" if reasons else ""),
-                        hint="print(fxprune.analyze(fxprune.trace(model, x))) shows why")
-    scores = channel_scores(gm, analysis, criterion, seed=seed, groups=prunable)
-    if heads not in ("channels", "whole"):
-        raise InputError(WHERE, f"heads must be 'channels' or 'whole', got {heads!r}")
-    whole = ()
-    if heads == "whole":
-        ids = {g.index for g in prunable}
-        whole = tuple(s.index for s in analysis.attention
-                      if s.qk_group in ids and s.v_group in ids
-                      and analysis.groups[s.heads_group].frozen is None
-                      and not analysis.groups[s.qk_group].shared_across_heads
-                      and not analysis.groups[s.v_group].shared_across_heads)
-    ids = {g.index for g in prunable}
-    paired = tuple(s.index for s in analysis.attention
-                   if s.index not in whole and s.qk_group in ids and s.v_group in ids
-                   and (match_qk_v if match_qk_v is not None else s.uses_sdpa))
-    kept = allocate(gm, analysis, scores, float(macs_ratio) * dense, dense, align, whole,
-                    paired)
-    masks = keep_masks(analysis, scores, kept)
-    return PrunePlan(gm, analysis, scores, kept, masks, dense)
+    return Pruner(model, example_inputs, prepare=prepare, dense_sites=dense_sites,
+                  keep_dense=keep_dense).plan(macs_ratio, criterion, align, seed, heads,
+                                              match_qk_v)
 
 
 def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "similarity",
@@ -164,7 +272,8 @@ def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simi
     Returns a smaller ``torch.fx.GraphModule``; ``pruned.meta["fxprune.plan"]`` maps every
     sliced parameter of the ORIGINAL model to ``{dim: kept indices}``, and
     ``pruned.meta["fxprune.macs_ratio"]`` is the ratio reached. Frozen groups stay dense. When
-    the unfrozen groups cannot reach the target, a warning says what was reached.
+    the unfrozen groups cannot reach the target, a warning says what was reached. To prune
+    one model at several targets, :class:`Pruner` traces and analyses it once.
 
     Example:
         >>> import torch, fxprune
@@ -174,65 +283,10 @@ def prune(model, example_inputs, macs_ratio: float = 0.7, criterion: str = "simi
         >>> p.meta["fxprune.plan"]["0.weight"][0].numel(), p.meta["fxprune.macs_ratio"]
         (32, 0.5)
     """
-    from fxprune.passes.slice import Slice
-
-    # the plan's graph shares the model's parameters: copying them all up front would be
-    # wasted on the pruned ones, which slicing replaces; the others are copied after it
-    decided = _plan(model, example_inputs, macs_ratio, criterion, align, seed, prepare,
-                    dense_sites, heads, match_qk_v, share_params=True, keep_dense=keep_dense)
-    gm, analysis, masks, dense = (decided.graph_module, decided.analysis, decided.masks,
-                                  decided.dense_macs)
-    model_storages = _storages(gm)
-    try:
-        result = Slice(keep=masks, inplace=True)(gm) if masks else None
-    except SliceError:
-        # the planned masks fail where the trial ones passed: plan again, leave the groups
-        # that fail with their planned masks dense (frozen, in the report)
-        decided = _plan(model, example_inputs, macs_ratio, criterion, align, seed, prepare,
-                        dense_sites, heads, match_qk_v, share_params=True)
-        gm, analysis, masks = decided.graph_module, decided.analysis, decided.masks
-        for gi, why in unsliceable(gm, analysis, masks, as_inputs(example_inputs)).items():
-            analysis.groups[gi].frozen = f"{why} (with its planned mask)"
-            del masks[gi]
-        result = Slice(keep=masks, inplace=True)(gm) if masks else None
-    pruned = result.graph_module if result is not None else _dense_copy(gm)
-    _own_tensors(pruned, model_storages)
-    _plan_of_model_tensors(pruned, model)
-    reached = count_macs(pruned) / dense
-    pruned.meta[MACS_RATIO_KEY] = round(reached, 4)
-    pruned.meta[DENSE_MACS_KEY] = dense
-    pruned.meta[CRITERION_KEY] = criterion
-    pruned.meta[SUMMARY_KEY] = _summary(analysis, masks)
-    if PLAN_DATA_KEY not in pruned.meta:  # nothing was sliced: an empty plan
-        shapes = {n: list(t.shape) for n, t in pruned.state_dict().items()}
-        pruned.meta[PLAN_DATA_KEY] = Plan.from_slice(gm, analysis, {}, {}, shapes)
-    pruned.meta[PLAN_DATA_KEY].info.update(macs_ratio=round(reached, 4), dense_macs=int(dense),
-                                           criterion=criterion, align=align)
-    _note_fixed_sizes(gm, pruned)
-    pruned.meta[REPORT_KEY] = report = prune_report(analysis, masks, macs_ratio, reached)
-    if not report["target_met"]:
-        warnings.warn(f"fxprune.prune: reached macs_ratio {reached:.3f}, above the target "
-                      f"{macs_ratio} (the unfrozen groups cannot go lower at align={align}); "
-                      f"frozen groups stay dense: {report_blockers(report)}", stacklevel=2)
-    return pruned
-
-
-def _note_fixed_sizes(prepared, pruned) -> None:
-    """Say so (warning, meta, plan) when preparation inlined attention with the traced sizes:
-    the pruned model then runs at the traced input size only, whatever the dense model took."""
-    fixed = prepared.meta.get(FIXED_SIZES_KEY) or pruned.meta.get(FIXED_SIZES_KEY)
-    if not fixed:
-        return
-    pruned.meta[FIXED_SIZES_KEY] = list(fixed)
-    pruned.meta[PLAN_DATA_KEY].info["fixed_sizes"] = list(fixed)
-    shapes = pruned.meta.get(INPUT_SHAPES_KEY) or []
-    batch_free = all("batch free" in f for f in fixed)
-    warnings.warn(f"fxprune.prune: the pruned model runs at the traced input size only "
-                  f"({', '.join(str(tuple(s)[1:]) for s in shapes)} after the batch dim"
-                  f"{'; any batch size' if batch_free else ', and the traced batch size'}): "
-                  f"{len(fixed)} opaque call(s) were decomposed with the traced sizes as "
-                  f"constants ({', '.join(fixed[:2])}{', ...' if len(fixed) > 2 else ''}); "
-                  "prune at the resolution you deploy at", stacklevel=3)
+    _validate(macs_ratio, criterion, align)
+    return Pruner(model, example_inputs, prepare=prepare, dense_sites=dense_sites,
+                  keep_dense=keep_dense)._prune(macs_ratio, criterion, align, seed, heads,
+                                                match_qk_v, stacklevel=3)
 
 
 def groups_of_params(analysis, patterns) -> set[int]:
@@ -257,86 +311,3 @@ def groups_of_params(analysis, patterns) -> set[int]:
             gs = analysis.group_of_channel[comps.channel_of(np.asarray(c.lab).ravel())]
             found.update(int(g) for g in np.unique(gs) if g >= 0)
     return found
-
-
-def _plan_of_model_tensors(pruned, model) -> None:
-    """The plan names the model's own parameters and buffers only: a tensor constant the
-    tracer created (a plain tensor attribute, e.g. a rotary table, becomes
-    ``_tensor_constant0``) is sliced in the pruned graph but has no name in the model."""
-    plan = pruned.meta.get(PLAN_KEY)
-    if not plan:
-        return
-    if isinstance(model, torch.nn.Module):
-        names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-        names.update(n for n, _ in model.named_buffers(remove_duplicate=False))
-    elif hasattr(model, "state_dict") and hasattr(model, "constants"):  # ExportedProgram
-        names = set(model.state_dict) | set(model.constants)
-    else:
-        return
-    pruned.meta[PLAN_KEY] = {k: v for k, v in plan.items() if k in names}
-
-
-def _own_copy(gm, share_params: bool = False):
-    """A copy of ``gm`` that owns its modules (fx shares them with the traced model). With
-    ``share_params`` the parameters and buffers stay shared (see :func:`_own_tensors`)."""
-    from fxprune.passbase import copy_graph_module
-
-    return copy_graph_module(gm, share_tensors=share_params)
-
-
-def _storages(gm) -> set[int]:
-    """Data pointers of the storages behind ``gm``'s parameters and buffers."""
-    tensors = [t for _, t in gm.named_parameters(remove_duplicate=False)]
-    tensors += [t for _, t in gm.named_buffers(remove_duplicate=False)]
-    return {t.untyped_storage().data_ptr() for t in tensors
-            if t.device.type != "meta" and t.numel()}
-
-
-def _own_tensors(gm, storages: set[int]) -> None:
-    """Replace every parameter and buffer of ``gm`` whose storage is one of ``storages`` (the
-    model's) by a copy, so that the pruned model never shares memory with the original; tied
-    names stay one tensor."""
-    copies: dict[int, torch.Tensor] = {}
-    for mod in gm.modules():
-        for table in (mod._parameters, mod._buffers):
-            for name, t in table.items():
-                if t is None or t.device.type == "meta" or not t.numel() or \
-                        t.untyped_storage().data_ptr() not in storages:
-                    continue
-                if id(t) not in copies:
-                    new = t.detach().clone()
-                    if isinstance(t, torch.nn.Parameter):
-                        new = torch.nn.Parameter(new, requires_grad=t.requires_grad)
-                    copies[id(t)] = new
-                table[name] = copies[id(t)]
-
-
-def _dense_copy(gm):
-    import copy
-
-    out = copy.deepcopy(gm)
-    out.meta.pop(ANALYSIS_KEY, None)
-    out.meta.pop(ANALYSIS_FINGERPRINT_KEY, None)
-    out.meta[PLAN_KEY] = {}
-    return out
-
-
-def _summary(analysis, masks) -> list[dict]:
-    """Per attention site and MLP: widths before and after (for reports)."""
-    rows = []
-    for s in analysis.attention:
-        row = {"site": s.index, "kind": s.kind, "heads": s.num_heads,
-               "heads_after": s.num_heads, "qk_dim": s.qk_head_dim, "v_dim": s.v_head_dim,
-               "qk_dim_after": s.qk_head_dim, "v_dim_after": s.v_head_dim}
-        for gi, key in ((s.qk_group, "qk_dim_after"), (s.v_group, "v_dim_after")):
-            if gi in masks:
-                per_head = masks[gi].sum(axis=1)
-                row[key] = int(per_head.max())
-                row["heads_after"] = int((per_head > 0).sum())
-        rows.append(row)
-    for g in analysis.groups:
-        if g.kind == "mlp":
-            rows.append({"group": g.index, "kind": "mlp", "width": g.width,
-                         "width_after": int(masks[g.index].sum()) if g.index in masks
-                         else g.width, "frozen": g.frozen})
-    return rows
