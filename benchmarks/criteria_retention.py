@@ -27,15 +27,19 @@ top-1 equals the dense model's), ``kl`` (mean over the 1,797 images, nats). Summ
 95% confidence interval over seeds (Student t); comparisons between criteria are paired by seed
 (the same dense model): mean difference and its 95% CI.
 
+Each dense model is traced, prepared and analysed once (``fxprune.Pruner``, whose every
+``prune`` call equals the ``fxprune.prune`` call with the same arguments), and the (model,
+seed) pairs run in ``--jobs`` worker processes (default: one per core).
+
 Time: inference only once the cache is filled: the default run (2 models x 10 seeds x 7 ratios
-x 8 variants = 1,120 prunings) took 347 s of CPU with one thread, 775 s of wall while other jobs
-shared the 2 cores (benchmarks/RESULTS.md). Filling the cache trains 20 models, about 1
-minute of CPU each.
+x 8 variants = 1,120 prunings) takes about 3.5 min of wall on the 2-core dev VM with
+``--jobs 2`` and one thread per process (benchmarks/RESULTS.md has the figure of the recorded
+run). Filling the cache trains 20 models, one to two minutes of CPU each.
 
 Usage::
 
-    python benchmarks/digits_models.py --seeds 10                  # fill the cache (~20 min)
-    python benchmarks/criteria_retention.py                        # JSON + PNG + tables (~6 min)
+    python benchmarks/digits_models.py --seeds 10                  # fill the cache (~25 min)
+    python benchmarks/criteria_retention.py                        # JSON + PNG + tables (~4 min)
 
 Rows: ``{"model", "seed", "criterion", "heads", "target", "macs_ratio", "acc_test", "acc_all",
 "agree", "kl", "seconds"}``; the dense model of each seed is a row with ``criterion`` "dense".
@@ -132,21 +136,27 @@ def run_model_seed(kind: str, seed: int, data, args, log) -> list[dict]:
     dense_macs = fxprune.count_macs(dense, x1)
     rows = [{"model": kind, "seed": seed, "criterion": "dense", "heads": "-", "target": 1.0,
              "macs_ratio": 1.0, **fidelity(dense, x, y, n_train, None), "seconds": 0.0}]
+    t = time.perf_counter()
+    # traced, prepared and analysed once for every pruning of this dense model: each
+    # pruner.prune(...) equals fxprune.prune(dense, x1, ...) (tests/planning/test_pruner.py)
+    pruner = fxprune.Pruner(dense, x1)
+    built = time.perf_counter() - t
     for criterion in args.criteria:
         for heads in args.heads:
             for ratio in args.ratios:
                 t = time.perf_counter()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)
-                    pruned = fxprune.prune(dense, x1, macs_ratio=ratio, criterion=criterion,
-                                           heads=heads, align=1, seed=seed)
+                    pruned = pruner.prune(macs_ratio=ratio, criterion=criterion, heads=heads,
+                                          align=1, seed=seed)
                 row = {"model": kind, "seed": seed, "criterion": criterion, "heads": heads,
                        "target": ratio, "macs_ratio": fxprune.count_macs(pruned, x1) / dense_macs,
                        **fidelity(pruned, x, y, n_train, dense_logp)}
                 row["seconds"] = time.perf_counter() - t
                 rows.append(row)
     log(f"  {kind} seed {seed}: dense acc_test {rows[0]['acc_test']:.4f}, "
-        f"{len(rows) - 1} prunings in {sum(r['seconds'] for r in rows):.0f} s")
+        f"{len(rows) - 1} prunings in {sum(r['seconds'] for r in rows):.0f} s (after "
+        f"{built:.1f} s of fxprune.Pruner)")
     return rows
 
 
