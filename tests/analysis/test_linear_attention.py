@@ -189,8 +189,9 @@ def _folded_without_conv():
 
 # -- refusals ---------------------------------------------------------------------------------
 class _MeanNormLinear(nn.Module):
-    """Linear attention whose q is divided by its MEAN over channels: removing a channel
-    changes the mean, so q/k must stay dense."""
+    """Linear attention whose q is divided by its MEAN over channels. Removing a channel
+    would change the mean's divisor; the slicer keeps the original one (the mean is scaled by
+    kept / original), so q/k prune exactly."""
 
     def __init__(self, dim=16, heads=2):
         super().__init__()
@@ -216,13 +217,22 @@ class _ThreeOperandEinsum(_MeanNormLinear):
         return self.proj(out.transpose(1, 2).reshape(B, N, C)) + x
 
 
-def test_mean_over_channels_freezes_qk_with_reason():
-    gm = fxprune.trace(_MeanNormLinear().eval(), torch.randn(2, 5, 16))
+def test_mean_over_channels_keeps_its_divisor_and_qk_prunes_exactly():
+    """Was refused (q/k frozen: "mean reduces over channels"); a mean over all of a group's
+    channels is now a sink whose divisor the slicer keeps."""
+    torch.manual_seed(0)
+    model, x = _MeanNormLinear().eval(), torch.randn(2, 5, 16)
+    gm = fxprune.trace(model, x)
     a = fxprune.analyze(gm)
     qk = a.groups[a.attention[0].qk_group]
     assert a.attention[0].kind == "linear"
-    assert qk.frozen and "mean reduces over channels" in qk.frozen
-    assert a.groups[a.attention[0].v_group].prunable  # v is still fine
+    assert qk.prunable and "reduce" in {s.kind for s in qk.sinks}
+    assert a.groups[a.attention[0].v_group].prunable
+    pruned = fxprune.prune(model, x, macs_ratio=0.7, align=1, criterion="l1")
+    assert any(n.target is torch.mul and n.args[0].target == "mean"
+               for n in pruned.graph.nodes if n.op == "call_function")
+    ref = fxprune.zeroed_copy(model, pruned)(x)
+    assert torch.allclose(pruned(x), ref, rtol=1e-5, atol=1e-6)
 
 
 class _SumCentredLinear(_MeanNormLinear):

@@ -66,7 +66,10 @@ def reduce(p: Propagator, node, name) -> Any:
     comps = []
     for c in x.comps:
         if set(c.span) & set(dims):
-            if not x.soft and set(c.span) <= set(dims) and _zero_safe(name, order):
+            # a mean is a sink only where its shape is known: the slicer rescales it by the
+            # counts, and a later shift by it is only seen with its size-1 dims
+            safe = _zero_safe(name, order) and (name != "mean" or isinstance(val, torch.Tensor))
+            if not x.soft and set(c.span) <= set(dims) and safe:
                 p.sinks.append(Sink(node, 0, c, "reduce"))
                 continue
             c = tie_across(p, c, set(dims), f"{name} reduces over channels at {node.name}",
