@@ -68,8 +68,7 @@ def sizes_from_mask(mask: np.ndarray) -> list[int]:
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim == 0:
         return []
-    per_dim = [int(mask.any(axis=tuple(o for o in range(mask.ndim) if o != d)).sum())
-               for d in range(mask.ndim)]
+    per_dim = [len(k) for k in kept_per_dim(mask)]
     if math.prod(per_dim) == int(mask.sum()):  # a product of per-dim index sets (the usual case)
         return per_dim
     for d in [mask.ndim - 1] + list(range(mask.ndim - 2, -1, -1)):
@@ -88,20 +87,26 @@ def sizes_from_mask(mask: np.ndarray) -> list[int]:
                      "split-fused-heads pass first")
 
 
+def kept_per_dim(mask: np.ndarray) -> list[np.ndarray]:
+    """Per dim, the indices where ``mask`` keeps anything; ``mask`` keeps exactly their
+    product when it holds the product of their lengths."""
+    return [np.nonzero(mask.any(axis=tuple(o for o in range(mask.ndim) if o != d)))[0]
+            for d in range(mask.ndim)]
+
+
 def slice_tensor(t: torch.Tensor, mask: np.ndarray) -> torch.Tensor:
     """Keep the ``True`` entries of ``mask`` (broadcast to ``t``), preserving row-major order."""
     mask = np.broadcast_to(np.asarray(mask, dtype=bool), t.shape)
     if mask.all():
         return t
-    sizes = sizes_from_mask(mask)
-    kept = [np.nonzero(mask.any(axis=tuple(o for o in range(mask.ndim) if o != d)))[0]
-            for d in range(mask.ndim)]
-    if [len(k) for k in kept] == sizes:  # a product of per-dim index sets: cheap gathers
+    kept = kept_per_dim(mask)
+    if math.prod(len(k) for k in kept) == int(mask.sum()):  # a product: cheap gathers
         out = t.detach()
         for d, idx in enumerate(kept):
             if len(idx) < t.shape[d]:
                 out = out.index_select(d, torch.as_tensor(idx, device=t.device))
         return out.contiguous()
+    sizes = sizes_from_mask(mask)  # raises where the kept entries form no dense tensor
     flat = torch.from_numpy(np.array(mask)).to(t.device)
     return t.detach()[flat].reshape(sizes).clone()
 
@@ -162,13 +167,8 @@ def plan_from_masks(masks: dict[str, np.ndarray]) -> dict[str, dict[int, torch.T
     """The public plan (``gm.meta["fxprune.plan"]``): parameter name -> {dim: kept indices}."""
     plan = {}
     for name, mask in masks.items():
-        dims = {}
-        for d in range(mask.ndim):
-            other = tuple(o for o in range(mask.ndim) if o != d)
-            kept = np.nonzero(mask.any(axis=other))[0] if other else np.nonzero(mask)[0]
-            if len(kept) < mask.shape[d]:
-                dims[d] = torch.as_tensor(kept, dtype=torch.long)
-        plan[name] = dims
+        plan[name] = {d: torch.as_tensor(kept, dtype=torch.long)
+                      for d, kept in enumerate(kept_per_dim(mask)) if len(kept) < mask.shape[d]}
     return plan
 
 
